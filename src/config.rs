@@ -1,0 +1,737 @@
+//! `config.yaml`: schema, defaults and validation (SPEC §3). Pure: no I/O.
+//!
+//! Parsing happens in two steps. `RawConfig` is the YAML as the admin wrote it
+//! (`deny_unknown_fields` everywhere, so a typo is an error, not a silently
+//! ignored key). `Config::parse` validates it and compiles every profile into
+//! the exact annotation set it asks for, so the admission path only compares
+//! strings and never formats a template per request.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Where the Vault Agent Injector renders secrets unless told otherwise.
+pub const DEFAULT_SECRET_VOLUME_PATH: &str = "/vault/secrets";
+/// Key of the config inside the ConfigMap.
+pub const CONFIG_MAP_KEY: &str = "config.yaml";
+
+/// Annotation prefixes and keys (SPEC §2, §4).
+pub mod keys {
+    pub const VAULT: &str = "vault.hashicorp.com/";
+    pub const AGENT_INJECT: &str = "vault.hashicorp.com/agent-inject";
+    pub const AGENT_INIT_FIRST: &str = "vault.hashicorp.com/agent-init-first";
+    pub const ROLE: &str = "vault.hashicorp.com/role";
+    pub const AUTH_PATH: &str = "vault.hashicorp.com/auth-path";
+    pub const SECRET_PREFIX: &str = "vault.hashicorp.com/agent-inject-secret-";
+    pub const TEMPLATE_PREFIX: &str = "vault.hashicorp.com/agent-inject-template-";
+    pub const PRE_POPULATE_ONLY: &str = "vault.hashicorp.com/agent-pre-populate-only";
+    pub const SECRET_VOLUME_PATH: &str = "vault.hashicorp.com/secret-volume-path";
+    pub const SERVICE: &str = "vault.hashicorp.com/service";
+    pub const NAMESPACE: &str = "vault.hashicorp.com/namespace";
+    pub const CA_CERT: &str = "vault.hashicorp.com/ca-cert";
+    pub const TLS_SECRET: &str = "vault.hashicorp.com/tls-secret";
+    pub const INJECT_STATUS: &str = "vault.hashicorp.com/agent-inject-status";
+    pub const PROFILE: &str = "istio-vault-webhook/profile";
+    pub const CONFIG_HASH: &str = "istio-vault-webhook/config-hash";
+    pub const MIRROR: &str = "kubernetes.io/config.mirror";
+}
+
+/// The two file layouts istiod reads from `ROOT_CA_DIR`
+/// (istio/istio `security/pkg/pki/ca` and `pilot/pkg/bootstrap/istio_ca.go`).
+const ISTIO_LAYOUT: [&str; 4] = [
+    "ca-key.pem",
+    "ca-cert.pem",
+    "root-cert.pem",
+    "cert-chain.pem",
+];
+const TLS_LAYOUT: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
+
+/// `agent-inject-template-` is 22 characters; annotation names are ≤ 63.
+const MAX_FILE_NAME: usize = 63 - "agent-inject-template-".len();
+
+// ---------------------------------------------------------------------------
+// Raw schema
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawConfig {
+    pub cluster: String,
+    pub vault: RawVault,
+    #[serde(default = "default_secret_volume_path")]
+    pub secret_volume_path: String,
+    #[serde(default)]
+    pub profiles: RawProfiles,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawVault {
+    pub auth_path: String,
+    #[serde(default = "default_kv_version")]
+    pub kv_version: u8,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub ca_cert: String,
+    #[serde(default)]
+    pub tls_secret: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawProfiles {
+    #[serde(default)]
+    pub istiod: Option<RawIstiod>,
+    #[serde(default)]
+    pub gateways: Vec<RawGateway>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rotation {
+    /// The agent stays as a sidecar and re-renders files when Vault changes.
+    Sidecar,
+    /// Only the init container renders; a rotation needs a Pod restart.
+    InitOnly,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawIstiod {
+    pub secret_path: String,
+    #[serde(default = "default_istiod_role")]
+    pub role: String,
+    #[serde(default = "default_istiod_match", rename = "match")]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default = "default_istiod_container")]
+    pub container: String,
+    #[serde(default = "default_rotation")]
+    pub rotation: Rotation,
+    #[serde(default = "default_istiod_files")]
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawGateway {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub selector: BTreeMap<String, String>,
+    pub role: String,
+    pub secret_path: String,
+    #[serde(default = "default_rotation")]
+    pub rotation: Rotation,
+    pub files: BTreeMap<String, String>,
+}
+
+fn default_secret_volume_path() -> String {
+    DEFAULT_SECRET_VOLUME_PATH.to_owned()
+}
+fn default_kv_version() -> u8 {
+    1
+}
+fn default_istiod_role() -> String {
+    "istiod".to_owned()
+}
+fn default_istiod_match() -> BTreeMap<String, String> {
+    BTreeMap::from([("app".to_owned(), "istiod".to_owned())])
+}
+fn default_istiod_container() -> String {
+    "discovery".to_owned()
+}
+fn default_rotation() -> Rotation {
+    Rotation::Sidecar
+}
+fn default_istiod_files() -> BTreeMap<String, String> {
+    [
+        ("ca-key.pem", "ca_key"),
+        ("ca-cert.pem", "ca_cert"),
+        ("root-cert.pem", "root_cert"),
+        ("cert-chain.pem", "cert_chain"),
+    ]
+    .into_iter()
+    .map(|(f, k)| (f.to_owned(), k.to_owned()))
+    .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// One or more problems with a config, each naming the field and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path to the field, e.g. `profiles.gateways[0].files."tls.crt"`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}: {}", p.field, p.reason)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn one(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![Problem {
+                field: field.into(),
+                reason: reason.into(),
+            }],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Compiled config
+// ---------------------------------------------------------------------------
+
+/// A validated config, compiled for the admission path.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster: String,
+    /// `sha256:` + first 16 hex digits of the canonical (defaulted, sorted) config.
+    pub hash: String,
+    pub secret_volume_path: String,
+    /// istiod first (when configured), then gateways in file order.
+    pub profiles: Vec<Profile>,
+    /// The validated input with defaults filled in; `render` and `check` show it.
+    pub raw: RawConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub selector: BTreeMap<String, String>,
+    /// Annotations the Pod must end up with, sorted by key.
+    pub annotations: Vec<Annotation>,
+    /// Annotations the webhook owns that this profile wants absent.
+    pub absent: Vec<Annotation>,
+    /// istiod only: the container that gets `ROOT_CA_DIR`.
+    pub container: Option<String>,
+}
+
+/// One annotation with its JSON pointer precomputed, so the admission path
+/// never escapes a key.
+#[derive(Debug, Clone)]
+pub struct Annotation {
+    pub key: String,
+    pub value: String,
+    /// `/metadata/annotations/<key with ~ and / escaped>`.
+    pub pointer: String,
+}
+
+impl Annotation {
+    fn new(key: &str, value: &str) -> Annotation {
+        Annotation {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            pointer: crate::patch::pointer(["metadata", "annotations", key]),
+        }
+    }
+}
+
+impl Profile {
+    pub fn is_istiod(&self) -> bool {
+        self.container.is_some()
+    }
+
+    /// All selector labels present with equal values.
+    pub fn matches<'a>(&self, mut label: impl FnMut(&str) -> Option<&'a str>) -> bool {
+        self.selector
+            .iter()
+            .all(|(k, v)| label(k) == Some(v.as_str()))
+    }
+}
+
+/// The embedded example: the cluster1 layout of SPEC §3. `serve` uses it when
+/// started with no flags outside a cluster.
+pub const EXAMPLE_CONFIG: &str = include_str!("example-config.yaml");
+
+impl Config {
+    /// Parses and validates a bare `config.yaml`.
+    pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml_ng::from_str(yaml)
+            .map_err(|e| ConfigError::one("config.yaml", yaml_reason(&e)))?;
+        Config::compile(raw)
+    }
+
+    /// Parses a bare `config.yaml` or a ConfigMap manifest carrying one.
+    pub fn from_document(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(&config_text_from_document(text)?)
+    }
+
+    /// Validates a parsed config and compiles its profiles.
+    pub fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        validate(&raw, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let hash = canonical_hash(&raw);
+        let mut profiles = Vec::new();
+        if let Some(istiod) = &raw.profiles.istiod {
+            profiles.push(compile_profile(
+                &raw,
+                &hash,
+                ProfileSpec {
+                    name: "istiod",
+                    selector: &istiod.selector,
+                    role: &istiod.role,
+                    secret_path: &istiod.secret_path,
+                    rotation: istiod.rotation,
+                    files: &istiod.files,
+                    container: Some(&istiod.container),
+                },
+            ));
+        }
+        for g in &raw.profiles.gateways {
+            profiles.push(compile_profile(
+                &raw,
+                &hash,
+                ProfileSpec {
+                    name: &g.name,
+                    selector: &g.selector,
+                    role: &g.role,
+                    secret_path: &g.secret_path,
+                    rotation: g.rotation,
+                    files: &g.files,
+                    container: None,
+                },
+            ));
+        }
+        Ok(Config {
+            cluster: raw.cluster.clone(),
+            hash,
+            secret_volume_path: raw.secret_volume_path.clone(),
+            profiles,
+            raw,
+        })
+    }
+
+    pub fn istiod(&self) -> Option<&Profile> {
+        self.profiles.iter().find(|p| p.is_istiod())
+    }
+}
+
+/// Reads a file's text as either a bare config or a ConfigMap manifest that
+/// carries it under `data."config.yaml"` (what `check` and `--config` accept).
+pub fn config_text_from_document(text: &str) -> Result<std::borrow::Cow<'_, str>, ConfigError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        kind: Option<serde_yaml_ng::Value>,
+        data: Option<BTreeMap<String, serde_yaml_ng::Value>>,
+    }
+    let probe: Probe = match serde_yaml_ng::from_str(text) {
+        Ok(p) => p,
+        // Not a mapping at all: let the real parser produce the error.
+        Err(_) => return Ok(text.into()),
+    };
+    if probe.kind.as_ref().and_then(|k| k.as_str()) != Some("ConfigMap") {
+        return Ok(text.into());
+    }
+    match probe.data.as_ref().and_then(|d| d.get(CONFIG_MAP_KEY)) {
+        Some(serde_yaml_ng::Value::String(s)) => Ok(s.clone().into()),
+        Some(_) => Err(ConfigError::one(
+            "data.\"config.yaml\"",
+            "must be a string (use a YAML block scalar: `config.yaml: |`)",
+        )),
+        None => Err(ConfigError::one(
+            "data.\"config.yaml\"",
+            "the ConfigMap has no config.yaml key; put the config under data.\"config.yaml\"",
+        )),
+    }
+}
+
+fn yaml_reason(e: &serde_yaml_ng::Error) -> String {
+    // serde_yaml_ng already prefixes the message with the field path
+    // (`profiles.istiod: unknown field ...`); keep it on one line.
+    e.to_string().replace('\n', " ")
+}
+
+fn canonical_hash(raw: &RawConfig) -> String {
+    // Structs serialize in declaration order and maps are BTreeMaps, so this
+    // JSON is canonical: equal configs (after defaults) hash equally whatever
+    // their YAML formatting, key order or comments.
+    let canonical = serde_json::to_vec(raw).unwrap_or_default();
+    let digest = Sha256::digest(&canonical);
+    let mut hex = String::with_capacity(7 + 16);
+    hex.push_str("sha256:");
+    for b in &digest[..8] {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
+}
+
+struct ProfileSpec<'a> {
+    name: &'a str,
+    selector: &'a BTreeMap<String, String>,
+    role: &'a str,
+    secret_path: &'a str,
+    rotation: Rotation,
+    files: &'a BTreeMap<String, String>,
+    container: Option<&'a str>,
+}
+
+fn compile_profile(raw: &RawConfig, hash: &str, p: ProfileSpec<'_>) -> Profile {
+    let mut want: BTreeMap<String, String> = BTreeMap::new();
+    let mut absent = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        want.insert(k.to_owned(), v.to_owned());
+    };
+    set(keys::AGENT_INJECT, "true");
+    set(keys::AGENT_INIT_FIRST, "true");
+    set(keys::ROLE, p.role);
+    set(keys::AUTH_PATH, &raw.vault.auth_path);
+    for (file, key) in p.files {
+        set(&format!("{}{file}", keys::SECRET_PREFIX), p.secret_path);
+        set(
+            &format!("{}{file}", keys::TEMPLATE_PREFIX),
+            &template(raw.vault.kv_version, p.secret_path, key),
+        );
+    }
+    for (key, value, present) in [
+        (
+            keys::PRE_POPULATE_ONLY,
+            "true",
+            p.rotation == Rotation::InitOnly,
+        ),
+        (
+            keys::SECRET_VOLUME_PATH,
+            raw.secret_volume_path.as_str(),
+            raw.secret_volume_path != DEFAULT_SECRET_VOLUME_PATH,
+        ),
+        (
+            keys::SERVICE,
+            raw.vault.address.as_str(),
+            !raw.vault.address.is_empty(),
+        ),
+        (
+            keys::NAMESPACE,
+            raw.vault.namespace.as_str(),
+            !raw.vault.namespace.is_empty(),
+        ),
+        (
+            keys::CA_CERT,
+            raw.vault.ca_cert.as_str(),
+            !raw.vault.ca_cert.is_empty(),
+        ),
+        (
+            keys::TLS_SECRET,
+            raw.vault.tls_secret.as_str(),
+            !raw.vault.tls_secret.is_empty(),
+        ),
+    ] {
+        if present {
+            set(key, value);
+        } else {
+            absent.push(Annotation::new(key, ""));
+        }
+    }
+    set(keys::PROFILE, p.name);
+    set(keys::CONFIG_HASH, hash);
+    Profile {
+        name: p.name.to_owned(),
+        selector: p.selector.clone(),
+        annotations: want.iter().map(|(k, v)| Annotation::new(k, v)).collect(),
+        absent,
+        container: p.container.map(str::to_owned),
+    }
+}
+
+/// The Vault Agent template for one file (SPEC §4). The trim markers make the
+/// rendered file exactly the stored value: no newline added or lost.
+pub fn template(kv_version: u8, secret_path: &str, key: &str) -> String {
+    let data = if kv_version == 2 {
+        ".Data.data"
+    } else {
+        ".Data"
+    };
+    format!("{{{{- with secret \"{secret_path}\" -}}}}{{{{ {data}.{key} }}}}{{{{- end -}}}}")
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
+    let mut bad = |field: String, reason: String| problems.push(Problem { field, reason });
+
+    if raw.cluster.trim().is_empty() {
+        bad("cluster".into(), "must not be empty".into());
+    }
+    check_path(&raw.vault.auth_path, "vault.authPath", &mut bad);
+    if !raw.vault.auth_path.starts_with("auth/") && !raw.vault.auth_path.is_empty() {
+        bad(
+            "vault.authPath".into(),
+            format!(
+                "{:?} must be the auth mount's full path, e.g. auth/kubernetes-cluster1",
+                raw.vault.auth_path
+            ),
+        );
+    }
+    if !matches!(raw.vault.kv_version, 1 | 2) {
+        bad(
+            "vault.kvVersion".into(),
+            format!("must be 1 or 2, got {}", raw.vault.kv_version),
+        );
+    }
+    if !raw.secret_volume_path.starts_with('/') || raw.secret_volume_path.len() < 2 {
+        bad(
+            "secretVolumePath".into(),
+            format!(
+                "{:?} must be an absolute directory path such as /vault/secrets",
+                raw.secret_volume_path
+            ),
+        );
+    } else if raw.secret_volume_path.contains(char::is_whitespace) {
+        bad(
+            "secretVolumePath".into(),
+            "must not contain whitespace".into(),
+        );
+    }
+
+    let mut names: Vec<(String, &str)> = Vec::new(); // (field, profile name)
+    let mut selectors: Vec<(String, &BTreeMap<String, String>)> = Vec::new();
+
+    if let Some(i) = &raw.profiles.istiod {
+        let f = "profiles.istiod";
+        names.push((f.into(), "istiod"));
+        selectors.push((f.into(), &i.selector));
+        check_profile_common(
+            f,
+            &i.role,
+            &i.secret_path,
+            &i.selector,
+            &i.files,
+            raw.vault.kv_version,
+            &mut bad,
+        );
+        if i.container.trim().is_empty() {
+            bad(format!("{f}.container"), "must not be empty".into());
+        }
+        let names: Vec<&str> = i.files.keys().map(String::as_str).collect();
+        let is = |layout: &[&str]| {
+            names.len() == layout.len() && layout.iter().all(|n| i.files.contains_key(*n))
+        };
+        if !is(&ISTIO_LAYOUT) && !is(&TLS_LAYOUT) {
+            bad(
+                format!("{f}.files"),
+                format!(
+                    "istiod needs exactly one complete layout: {{{}}} or {{{}}}, got {{{}}} \
+                     (a partial set makes istiod refuse to start or fall back to a self-signed CA)",
+                    ISTIO_LAYOUT.join(", "),
+                    TLS_LAYOUT.join(", "),
+                    names.join(", ")
+                ),
+            );
+        }
+    }
+
+    for (idx, g) in raw.profiles.gateways.iter().enumerate() {
+        let f = format!("profiles.gateways[{idx}]");
+        if !is_dns_label(&g.name) {
+            bad(
+                format!("{f}.name"),
+                format!(
+                    "{:?} must be a DNS label: 1-63 lowercase letters, digits or '-', \
+                     starting and ending with a letter or digit",
+                    g.name
+                ),
+            );
+        }
+        names.push((format!("{f}.name"), &g.name));
+        selectors.push((f.clone(), &g.selector));
+        check_profile_common(
+            &f,
+            &g.role,
+            &g.secret_path,
+            &g.selector,
+            &g.files,
+            raw.vault.kv_version,
+            &mut bad,
+        );
+        if g.files.is_empty() {
+            bad(format!("{f}.files"), "must name at least one file".into());
+        }
+    }
+
+    for (i, (field, name)) in names.iter().enumerate() {
+        if let Some((first, _)) = names[..i].iter().find(|(_, n)| n == name) {
+            bad(
+                field.clone(),
+                format!("profile name {name:?} is already used by {first}"),
+            );
+        }
+    }
+    for (i, (field, sel)) in selectors.iter().enumerate() {
+        if let Some((first, _)) = selectors[..i].iter().find(|(_, s)| s == sel) {
+            bad(
+                format!("{field}.match"),
+                format!(
+                    "same selector as {first}.match; one of the two profiles could never apply"
+                ),
+            );
+        }
+    }
+}
+
+fn check_profile_common(
+    f: &str,
+    role: &str,
+    secret_path: &str,
+    selector: &BTreeMap<String, String>,
+    files: &BTreeMap<String, String>,
+    kv_version: u8,
+    bad: &mut impl FnMut(String, String),
+) {
+    if role.trim().is_empty() {
+        bad(format!("{f}.role"), "must not be empty".into());
+    }
+    check_path(secret_path, &format!("{f}.secretPath"), bad);
+    if kv_version == 2 && !secret_path.is_empty() && !secret_path.contains("/data/") {
+        bad(
+            format!("{f}.secretPath"),
+            format!(
+                "{secret_path:?}: with kvVersion 2 the agent reads the API path, which has \
+                 data/ after the mount, e.g. kubernetes-cluster1-secrets/data/istiod-service/certs"
+            ),
+        );
+    }
+    if selector.is_empty() {
+        bad(
+            format!("{f}.match"),
+            "must name at least one label (an empty selector matches every Pod)".into(),
+        );
+    }
+    for (k, v) in selector {
+        if k.is_empty() {
+            bad(format!("{f}.match"), "label keys must not be empty".into());
+        }
+        if v.len() > 63 {
+            bad(
+                format!("{f}.match.{k:?}"),
+                "label values are at most 63 characters".into(),
+            );
+        }
+    }
+    let mut lower: BTreeMap<String, &str> = BTreeMap::new();
+    for (file, key) in files {
+        let field = format!("{f}.files.{file:?}");
+        if let Some(reason) = file_name_problem(file) {
+            bad(field.clone(), reason);
+        }
+        if let Some(other) = lower.insert(file.to_ascii_lowercase(), file) {
+            bad(
+                field.clone(),
+                format!(
+                    "differs from {other:?} only in case; the injector lower-cases file names, \
+                     so both would render to the same file"
+                ),
+            );
+        }
+        if !is_template_identifier(key) {
+            bad(
+                field,
+                format!(
+                    "key {key:?} must be a template identifier (letters, digits, '_', not \
+                     starting with a digit) so that .Data.{key} works; store it as e.g. ca_key"
+                ),
+            );
+        }
+    }
+}
+
+fn check_path(path: &str, field: &str, bad: &mut impl FnMut(String, String)) {
+    if path.trim().is_empty() {
+        bad(field.into(), "must not be empty".into());
+        return;
+    }
+    // The path lands inside a Go template string literal and an annotation.
+    if path.starts_with('/')
+        || path.ends_with('/')
+        || path.contains("//")
+        || path
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\' | '{' | '}'))
+    {
+        bad(
+            field.into(),
+            format!(
+                "{path:?} must be a Vault path like mount/dir/name: no leading or trailing '/', \
+                 no empty segment, no whitespace, quotes, backslashes or braces"
+            ),
+        );
+    }
+}
+
+/// Why a file name cannot be used, if it cannot (SPEC §3).
+fn file_name_problem(file: &str) -> Option<String> {
+    if file.is_empty() {
+        return Some("file name must not be empty".into());
+    }
+    if file.len() > MAX_FILE_NAME {
+        return Some(format!(
+            "file name is {} characters; at most {MAX_FILE_NAME} fit in the annotation name \
+             vault.hashicorp.com/agent-inject-template-<file> (63 characters after the '/')",
+            file.len()
+        ));
+    }
+    let ok_chars = file
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    let ok_ends = file.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && file.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok_chars || !ok_ends {
+        return Some(
+            "file name must be letters, digits, '.', '_' or '-', starting and ending with a \
+             letter or digit (it becomes part of an annotation name)"
+                .into(),
+        );
+    }
+    if file.to_ascii_lowercase().starts_with("file-") {
+        return Some(
+            "file name must not start with \"file-\": the injector reads \
+             agent-inject-file-* as a different annotation"
+                .into(),
+        );
+    }
+    None
+}
+
+fn is_template_identifier(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,18 @@
+//! istio-vault-webhook: a mutating admission webhook that makes istiod and
+//! Istio gateways read their CA from Vault through the Vault Agent Injector.
+//!
+//! The request path reads top to bottom: `server` receives bytes,
+//! `admission` parses the review, `mutate` decides (using `config` and
+//! `patch`), `admission` writes the response. Everything but `server`,
+//! `source` and `tls` is pure.
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod mutate;
+pub mod patch;
+pub mod render;
+pub mod server;
+pub mod source;
+pub mod tls;

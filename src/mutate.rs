@@ -1,0 +1,428 @@
+//! The heart of the webhook: (Pod, config) → decision (SPEC §4). Pure.
+//!
+//! The Pod is read through [`PodView`], which deserializes only the fields the
+//! rules look at; everything else in the object is skipped by the parser and
+//! never copied. The decision carries RFC 6902 operations against the Pod's
+//! own JSON, so the same function serves the webhook and `render`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Map, Value, json};
+
+use crate::config::{Config, Profile, keys};
+use crate::patch::PatchOp;
+
+/// The env var istiod reads its plugged-in CA directory from
+/// (istio/istio `pilot/pkg/bootstrap/istio_ca.go`, `LocalCertDir`).
+pub const ROOT_CA_DIR: &str = "ROOT_CA_DIR";
+
+/// The API server truncates longer warnings; stay under its limit.
+const MAX_WARNING: usize = 119;
+
+/// The parts of a Pod the rules read.
+#[derive(Debug, Default, Deserialize)]
+pub struct PodView {
+    #[serde(default)]
+    pub metadata: Option<Meta>,
+    #[serde(default)]
+    pub spec: Option<Spec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub generate_name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Spec {
+    #[serde(default)]
+    pub containers: Option<Vec<Container>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Container {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub env: Option<Vec<EnvVar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub value_from: Option<IgnoredAny>,
+}
+
+impl PodView {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .as_ref()?
+            .labels
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations()?.get(key).map(String::as_str)
+    }
+
+    fn annotations(&self) -> Option<&BTreeMap<String, String>> {
+        self.metadata.as_ref()?.annotations.as_ref()
+    }
+
+    /// The Pod's name, or its `generateName` (Pods from controllers have no
+    /// name at admission time), for logs.
+    pub fn display_name(&self) -> &str {
+        let Some(m) = &self.metadata else { return "" };
+        m.name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .or(m.generate_name.as_deref())
+            .unwrap_or("")
+    }
+
+    fn containers(&self) -> &[Container] {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.containers.as_deref())
+            .unwrap_or(&[])
+    }
+}
+
+/// What the config source currently offers the admission path.
+#[derive(Debug, Clone, Copy)]
+pub enum ConfigState<'a> {
+    Loaded(&'a Config),
+    /// No valid config: `why` says what is missing and how to fix it.
+    Missing {
+        why: &'a str,
+    },
+}
+
+/// The verdict for one Pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Admit, applying `ops` (possibly none).
+    Allow {
+        profile: Option<String>,
+        ops: Vec<PatchOp>,
+        warnings: Vec<String>,
+    },
+    /// Refuse the Pod with a message for whoever reads the ReplicaSet events.
+    Deny {
+        profile: Option<String>,
+        message: String,
+    },
+}
+
+/// A decision summarised for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Patched,
+    Unchanged,
+    Denied,
+    /// No profile applies (or the request is not a Pod CREATE).
+    Skipped,
+    /// The request could not be read.
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Patched => "patched",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Denied => "denied",
+            Outcome::Skipped => "skipped",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+impl Decision {
+    fn skip() -> Decision {
+        Decision::Allow {
+            profile: None,
+            ops: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Decision::Deny { .. } => Outcome::Denied,
+            Decision::Allow { profile: None, .. } => Outcome::Skipped,
+            Decision::Allow { ops, .. } if ops.is_empty() => Outcome::Unchanged,
+            Decision::Allow { .. } => Outcome::Patched,
+        }
+    }
+
+    pub fn profile(&self) -> Option<&str> {
+        match self {
+            Decision::Allow { profile, .. } | Decision::Deny { profile, .. } => profile.as_deref(),
+        }
+    }
+}
+
+/// Decides what to do with a Pod being created.
+pub fn mutate(pod: &PodView, config: ConfigState<'_>) -> Decision {
+    // Static Pods' API mirrors cannot be changed; kubelet owns them.
+    if pod.annotation(keys::MIRROR).is_some() {
+        return Decision::skip();
+    }
+
+    let config = match config {
+        ConfigState::Loaded(c) => c,
+        ConfigState::Missing { why } => {
+            // Fail closed: with no config we cannot know the Vault paths, and an
+            // istiod admitted without them boots with a self-signed CA.
+            if pod.label("app") == Some("istiod") {
+                return Decision::Deny {
+                    profile: None,
+                    message: format!(
+                        "istio-vault-webhook: refusing istiod Pod: no valid config is loaded ({why}); \
+                         istiod would start with a self-signed CA instead of the Vault CA"
+                    ),
+                };
+            }
+            return Decision::skip();
+        }
+    };
+
+    let mut matched = config
+        .profiles
+        .iter()
+        .filter(|p| p.matches(|k| pod.label(k)));
+    let Some(profile) = matched.next() else {
+        return Decision::skip();
+    };
+    if let Some(second) = matched.next() {
+        let mut names = vec![profile.name.as_str(), second.name.as_str()];
+        names.extend(matched.map(|p| p.name.as_str()));
+        return Decision::Deny {
+            profile: None,
+            message: format!(
+                "istio-vault-webhook: the Pod's labels match several profiles ({}); \
+                 refusing to guess which Vault secret it gets. Make the profiles' match \
+                 selectors in the config.yaml of cluster {} mutually exclusive",
+                names.join(", "),
+                config.cluster
+            ),
+        };
+    }
+
+    let profile_name = Some(profile.name.clone());
+    if pod.annotation(keys::INJECT_STATUS) == Some("injected") {
+        // vault-k8s skips such Pods too; changing annotations now would only
+        // make them lie about what was rendered.
+        return Decision::Allow {
+            profile: profile_name,
+            ops: Vec::new(),
+            warnings: vec![format!(
+                "istio-vault-webhook: {} is already \"injected\"; Pod left unchanged",
+                keys::INJECT_STATUS
+            )],
+        };
+    }
+
+    // The istiod container is checked before anything else: without it there
+    // is nothing to point at the CA files, so the Pod must not start.
+    let container_index = match &profile.container {
+        None => None,
+        Some(container) => {
+            let containers = pod.containers();
+            match containers
+                .iter()
+                .enumerate()
+                .find(|(_, c)| &c.name == container)
+            {
+                Some(found) => Some(found),
+                None => {
+                    let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+                    return Decision::Deny {
+                        profile: profile_name,
+                        message: format!(
+                            "istio-vault-webhook: refusing istiod Pod: it has no container \
+                             {container:?} to give ROOT_CA_DIR (containers: {}); set \
+                             profiles.{}.container in the config to the istiod container's name",
+                            names.join(", "),
+                            profile.name
+                        ),
+                    };
+                }
+            }
+        }
+    };
+
+    let mut warnings = Vec::new();
+    let mut ops = annotation_ops(pod, profile, &mut warnings);
+    if let Some((index, container)) = container_index {
+        env_ops(
+            container,
+            index,
+            &config.secret_volume_path,
+            &mut ops,
+            &mut warnings,
+        );
+    }
+    Decision::Allow {
+        profile: profile_name,
+        ops,
+        warnings,
+    }
+}
+
+fn annotation_ops(pod: &PodView, profile: &Profile, warnings: &mut Vec<String>) -> Vec<PatchOp> {
+    let Some(existing) = pod.annotations() else {
+        // No annotations map: one `add` of the whole map (an `add` below a
+        // missing parent would make the API server fail the request).
+        let map: Map<String, Value> = profile
+            .annotations
+            .iter()
+            .map(|a| (a.key.clone(), Value::String(a.value.clone())))
+            .collect();
+        return match &pod.metadata {
+            Some(_) => vec![PatchOp::Add {
+                path: "/metadata/annotations".into(),
+                value: Value::Object(map),
+            }],
+            None => vec![PatchOp::Add {
+                path: "/metadata".into(),
+                value: json!({ "annotations": map }),
+            }],
+        };
+    };
+
+    let mut ops = Vec::new();
+    for want in &profile.annotations {
+        match existing.get(&want.key) {
+            Some(have) if *have == want.value => {}
+            Some(have) => {
+                if want.key.starts_with(keys::VAULT) {
+                    warnings.push(override_warning(&want.key, have));
+                }
+                ops.push(PatchOp::Replace {
+                    path: want.pointer.clone(),
+                    value: Value::String(want.value.clone()),
+                });
+            }
+            None => ops.push(PatchOp::Add {
+                path: want.pointer.clone(),
+                value: Value::String(want.value.clone()),
+            }),
+        }
+    }
+    for unwanted in &profile.absent {
+        if let Some(have) = existing.get(&unwanted.key) {
+            warnings.push(truncate(format!(
+                "istio-vault-webhook: removed {}={:?} (not in the config)",
+                unwanted.key, have
+            )));
+            ops.push(PatchOp::Remove {
+                path: unwanted.pointer.clone(),
+            });
+        }
+    }
+    ops
+}
+
+/// Leaves `container` with exactly one `ROOT_CA_DIR` whose value is
+/// `dir`, keeping every other entry and their order.
+fn env_ops(
+    container: &Container,
+    index: usize,
+    dir: &str,
+    ops: &mut Vec<PatchOp>,
+    warnings: &mut Vec<String>,
+) {
+    let entry = || json!({ "name": ROOT_CA_DIR, "value": dir });
+    let base = format!("/spec/containers/{index}/env");
+    let Some(env) = &container.env else {
+        ops.push(PatchOp::Add {
+            path: base,
+            value: Value::Array(vec![entry()]),
+        });
+        return;
+    };
+    let mut found = env
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.name == ROOT_CA_DIR);
+    let Some((first, current)) = found.next() else {
+        ops.push(PatchOp::Add {
+            path: format!("{base}/-"),
+            value: entry(),
+        });
+        return;
+    };
+    let duplicates: Vec<usize> = found.map(|(i, _)| i).collect();
+    // Highest index first, so earlier removals do not shift later ones.
+    for &i in duplicates.iter().rev() {
+        ops.push(PatchOp::Remove {
+            path: format!("{base}/{i}"),
+        });
+    }
+    if !duplicates.is_empty() {
+        warnings.push(format!(
+            "istio-vault-webhook: removed {} duplicate {ROOT_CA_DIR} entries from container {}",
+            duplicates.len(),
+            container.name
+        ));
+    }
+    let exact = current.value.as_deref() == Some(dir) && current.value_from.is_none();
+    if !exact {
+        let was = match (&current.value_from, &current.value) {
+            (Some(_), _) => "valueFrom".to_owned(),
+            (None, Some(v)) => format!("{v:?}"),
+            (None, None) => "\"\"".to_owned(),
+        };
+        warnings.push(truncate(format!(
+            "istio-vault-webhook: {ROOT_CA_DIR} in container {} was {was}, set to {dir:?}",
+            container.name
+        )));
+        ops.push(PatchOp::Replace {
+            path: format!("{base}/{first}"),
+            value: entry(),
+        });
+    }
+}
+
+fn override_warning(key: &str, have: &str) -> String {
+    truncate(format!(
+        "istio-vault-webhook: overrode {key} (was {have:?})"
+    ))
+}
+
+/// Cuts a warning to what the API server keeps, on a character boundary.
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_WARNING {
+        let mut end = MAX_WARNING - 3;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,121 @@
+//! RFC 6902 JSON patch operations and RFC 6901 pointer escaping. Pure.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// One JSON patch operation. Only the three the webhook needs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum PatchOp {
+    Add { path: String, value: Value },
+    Replace { path: String, value: Value },
+    Remove { path: String },
+}
+
+impl PatchOp {
+    pub fn path(&self) -> &str {
+        match self {
+            PatchOp::Add { path, .. }
+            | PatchOp::Replace { path, .. }
+            | PatchOp::Remove { path } => path,
+        }
+    }
+
+    /// The same operation on a document nested under `prefix` (a JSON
+    /// pointer), e.g. a Deployment's `/spec/template` for `render`.
+    pub fn under(mut self, prefix: &str) -> PatchOp {
+        match &mut self {
+            PatchOp::Add { path, .. }
+            | PatchOp::Replace { path, .. }
+            | PatchOp::Remove { path } => path.insert_str(0, prefix),
+        }
+        self
+    }
+}
+
+/// Escapes one reference token: `~` → `~0`, then `/` → `~1` (RFC 6901 §3;
+/// the order matters so that `~1` in a key stays `~01`).
+pub fn escape(segment: &str) -> std::borrow::Cow<'_, str> {
+    if segment.contains(['~', '/']) {
+        segment.replace('~', "~0").replace('/', "~1").into()
+    } else {
+        segment.into()
+    }
+}
+
+/// Builds a pointer from already-literal segments, escaping each one.
+pub fn pointer<'a>(segments: impl IntoIterator<Item = &'a str>) -> String {
+    let mut p = String::new();
+    for s in segments {
+        p.push('/');
+        p.push_str(&escape(s));
+    }
+    p
+}
+
+/// Serializes a patch to its JSON bytes (an array of operations).
+pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
+    // Serializing our own enum of strings and Values cannot fail.
+    serde_json::to_vec(ops).unwrap_or_else(|_| b"[]".to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_tilde_before_slash() {
+        assert_eq!(
+            escape("vault.hashicorp.com/role"),
+            "vault.hashicorp.com~1role"
+        );
+        assert_eq!(escape("a~b"), "a~0b");
+        assert_eq!(escape("a~1b"), "a~01b");
+        assert_eq!(escape("~/"), "~0~1");
+        assert_eq!(escape("plain"), "plain");
+    }
+
+    #[test]
+    fn pointer_joins_escaped_segments() {
+        assert_eq!(
+            pointer(["metadata", "annotations", "istio-vault-webhook/profile"]),
+            "/metadata/annotations/istio-vault-webhook~1profile"
+        );
+        assert_eq!(pointer([]), "");
+    }
+
+    #[test]
+    fn serializes_as_rfc6902() {
+        let ops = vec![
+            PatchOp::Add {
+                path: "/a".into(),
+                value: Value::String("x".into()),
+            },
+            PatchOp::Replace {
+                path: "/b".into(),
+                value: Value::Bool(true),
+            },
+            PatchOp::Remove { path: "/c".into() },
+        ];
+        let json: Value = serde_json::from_slice(&to_json(&ops)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"op": "add", "path": "/a", "value": "x"},
+                {"op": "replace", "path": "/b", "value": true},
+                {"op": "remove", "path": "/c"}
+            ])
+        );
+        // And the json-patch crate (the API server's semantics) accepts it.
+        let _: json_patch::Patch = serde_json::from_value(json).unwrap();
+    }
+
+    #[test]
+    fn under_prefixes_paths() {
+        let op = PatchOp::Remove {
+            path: "/metadata/annotations".into(),
+        }
+        .under("/spec/template");
+        assert_eq!(op.path(), "/spec/template/metadata/annotations");
+    }
+}

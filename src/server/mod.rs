@@ -1,0 +1,337 @@
+//! `serve`: wires config source, certificates, the HTTPS endpoint and the
+//! admin server together. The only module that decides *what* runs; the
+//! pieces it starts live in `source`, `tls`, `https` and `admin`.
+
+pub mod admin;
+pub mod https;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{LogFormat, ServeArgs};
+use crate::config::{Config, EXAMPLE_CONFIG};
+use crate::metrics::Metrics;
+use crate::source::{ConfigStore, file};
+use crate::tls::{self, CertFiles, CertStore, self_signed};
+
+/// Lifetime of a self-signed CA and serving certificate.
+pub const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl ServeArgs {
+    /// `istio-vault-webhook` with no subcommand: `serve` with every default.
+    pub fn default_for_cli() -> ServeArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Only::parse_from(["istio-vault-webhook"]).serve
+    }
+}
+
+/// True inside a Pod (the kubelet sets this for every container).
+pub fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
+/// A running server, as `start` returns it.
+pub struct Running {
+    pub https_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// The self-signed CA (PEM), when the server generated one.
+    pub ca_pem: Option<String>,
+    pub config: Arc<ConfigStore>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until the servers have stopped (after `shutdown` and the drain).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts everything and returns once both listeners are bound.
+pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    tls::install_default_provider();
+    let metrics = Arc::new(Metrics::new());
+    let mut tasks = Vec::new();
+
+    // Outside a cluster with no config flag: the embedded example on localhost.
+    let embedded = args.config.is_none() && args.config_map.is_none() && !in_cluster();
+    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let any = |port: u16| SocketAddr::from(([0, 0, 0, 0], port));
+    let listen = args
+        .listen
+        .unwrap_or(if embedded { local(8443) } else { any(8443) });
+    let admin_listen = args
+        .admin_listen
+        .unwrap_or(if embedded { local(8080) } else { any(8080) });
+
+    // --- config ---------------------------------------------------------
+    let config = if let Some(path) = &args.config {
+        let store = Arc::new(ConfigStore::new(
+            metrics.clone(),
+            "file",
+            format!(
+                "config file {} is missing or invalid; see /readyz",
+                path.display()
+            ),
+        ));
+        let first = file::load_once(path, &store);
+        tasks.push(tokio::spawn(file::watch(
+            path.clone(),
+            store.clone(),
+            first,
+            shutdown.clone(),
+        )));
+        store
+    } else if embedded {
+        let store = Arc::new(ConfigStore::new(
+            metrics.clone(),
+            "embedded",
+            "embedded example",
+        ));
+        store.set(Config::parse(EXAMPLE_CONFIG).context("embedded example config")?);
+        store
+    } else {
+        let target = match &args.config_map {
+            Some(t) => t.clone(),
+            None => format!("{}/istio-vault-webhook", args.namespace),
+        };
+        bail!(
+            "--config-map {target}: watching a ConfigMap is not available in this build; \
+             use --config FILE (e.g. a mounted ConfigMap volume)"
+        );
+    };
+
+    // --- certificates -----------------------------------------------------
+    let mut ca_pem = None;
+    let certs = if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let files = CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        let (ck, seen) = files.load()?;
+        let store = CertStore::new(ck, metrics.clone());
+        tasks.push(tokio::spawn(files.watch(
+            store.clone(),
+            seen,
+            shutdown.clone(),
+        )));
+        store
+    } else if args.tls_self_signed || !in_cluster() {
+        let mut names = self_signed::service_names(&args.service_name, &args.namespace);
+        names.push("localhost".into());
+        let generated = self_signed::generate(&names, SELF_SIGNED_VALIDITY)?;
+        let ca_out = args.ca_out.clone().or_else(|| {
+            (!in_cluster()).then(|| {
+                std::env::temp_dir()
+                    .join("istio-vault-webhook")
+                    .join("ca.pem")
+            })
+        });
+        if let Some(path) = &ca_out {
+            write_public(path, generated.ca_pem.as_bytes())?;
+        }
+        if args.webhook_config.is_some() {
+            bail!("--webhook-config: caBundle management is not available in this build");
+        }
+        ca_pem = Some(generated.ca_pem.clone());
+        CertStore::new(generated.key, metrics.clone())
+    } else {
+        bail!("no serving certificate: pass --tls-cert FILE --tls-key FILE, or --tls-self-signed");
+    };
+    let tls_config = Arc::new(tls::server_config(certs, args.client_ca.as_deref())?);
+
+    // --- listeners --------------------------------------------------------
+    let https_listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+    let admin_listener = TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {admin_listen} (--admin-listen)"))?;
+    let https_addr = https_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let serving = Arc::new(AtomicBool::new(true));
+    let https_router = https::router(https::App {
+        config: config.clone(),
+        metrics: metrics.clone(),
+    });
+    let https_shutdown = shutdown.clone();
+    let admin_stop = CancellationToken::new();
+    {
+        let serving = serving.clone();
+        let admin_stop = admin_stop.clone();
+        let drain = args.drain_timeout;
+        tasks.push(tokio::spawn(async move {
+            let not_ready = https_shutdown.clone();
+            let flag = serving.clone();
+            tokio::spawn(async move {
+                not_ready.cancelled().await;
+                flag.store(false, Ordering::Relaxed);
+            });
+            https::serve(
+                https_listener,
+                tls_config,
+                https_router,
+                https_shutdown,
+                drain,
+            )
+            .await;
+            // The admin server outlives the drain so probes see "not ready"
+            // rather than a refused connection while requests finish.
+            admin_stop.cancel();
+        }));
+    }
+    let admin_router = admin::router(admin::Admin {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        serving,
+    });
+    tasks.push(tokio::spawn(admin::serve(
+        admin_listener,
+        admin_router,
+        admin_stop,
+    )));
+
+    tracing::info!(%https_addr, %admin_addr, "serving");
+    if embedded {
+        print_local_help(https_addr, admin_addr)?;
+    }
+    Ok(Running {
+        https_addr,
+        admin_addr,
+        ca_pem,
+        config,
+        metrics,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Entry point of `serve`: logs, runtime, signals.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let running = start(args, shutdown.clone()).await?;
+        let signal = wait_for_signal().await;
+        tracing::info!(
+            signal,
+            "shutting down: no new connections, draining in-flight requests"
+        );
+        shutdown.cancel();
+        running.wait().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process can still be killed; run forever.
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Writes a public file (the CA certificate), creating its directory.
+fn write_public(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn print_local_help(https: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join("istio-vault-webhook");
+    let review = dir.join("istiod-review.json");
+    write_public(&review, EXAMPLE_REVIEW.as_bytes())?;
+    let ca = dir.join("ca.pem");
+    println!(
+        "\nistio-vault-webhook is serving the embedded example config (cluster1).\n\
+         CA certificate: {ca}\n\
+         Try it:\n  curl --cacert {ca} -H 'Content-Type: application/json' \
+         --data @{review} https://localhost:{port}/mutate\n\
+         Decode the patch:\n  ... | python3 -c 'import json,sys,base64; print(base64.b64decode(json.load(sys.stdin)[\"response\"][\"patch\"]).decode())'\n\
+         Admin: http://{admin}/readyz  http://{admin}/metrics\n\
+         Stop with Ctrl-C.\n",
+        ca = ca.display(),
+        review = review.display(),
+        port = https.port(),
+    );
+    Ok(())
+}
+
+/// A minimal istiod Pod CREATE review for the local example.
+const EXAMPLE_REVIEW: &str = r#"{
+  "apiVersion": "admission.k8s.io/v1",
+  "kind": "AdmissionReview",
+  "request": {
+    "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+    "resource": {"group": "", "version": "v1", "resource": "pods"},
+    "namespace": "istio-system",
+    "operation": "CREATE",
+    "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+    "object": {
+      "apiVersion": "v1",
+      "kind": "Pod",
+      "metadata": {
+        "generateName": "istiod-7d4b9c8f6-",
+        "namespace": "istio-system",
+        "labels": {"app": "istiod", "istio": "pilot", "istio.io/rev": "default"}
+      },
+      "spec": {
+        "containers": [{
+          "name": "discovery",
+          "image": "docker.io/istio/pilot:1.28.0",
+          "env": [{"name": "REVISION", "value": "default"}]
+        }]
+      }
+    },
+    "dryRun": false
+  }
+}
+"#;
