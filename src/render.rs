@@ -66,9 +66,13 @@ fn render_document(config: &Config, mut document: Value) -> Result<Rendered, Str
             .unwrap_or("")
             .to_owned()
     };
+    let name = match meta("name") {
+        n if n.is_empty() => meta("generateName"),
+        n => n,
+    };
     let what = match meta("namespace").as_str() {
-        "" => format!("{kind} {}", meta("name")),
-        ns => format!("{kind} {ns}/{}", meta("name")),
+        "" => format!("{kind} {name}"),
+        ns => format!("{kind} {ns}/{name}"),
     };
     let mut rendered = Rendered {
         what,
