@@ -566,12 +566,15 @@ profiles:
 ///
 /// For KV v2 the secretPath is the API path with `data/`
 /// (`<mount>/data/<path>`), whose response nests the values under
-/// `.Data.data`. Checked by experiment with `bao agent` 2.7.2: a template
-/// reading `<mount>/data/<path>` and one reading `<mount>/<path>` both render
-/// `.Data.data.<key>` (the agent's consul-template detects the KV v2 mount and
-/// inserts `data/` itself when it is missing), while `.Data.<key>` against a
-/// v2 mount renders the literal text `<no value>` — and exits 0, since
-/// vault-k8s leaves error_on_missing_key false by default.
+/// `.Data.data`; the webhook's config check requires that `data/`. Checked by
+/// experiment with `bao agent` 2.7.2: a template reading `<mount>/data/<path>`
+/// and one reading `<mount>/<path>` both render `.Data.data.<key>` (the
+/// agent's consul-template detects the KV v2 mount and inserts `data/` when it
+/// is missing; this worked even with a token whose policy only allows reading
+/// `<mount>/data/<path>`), so the explicit form is a choice, not a necessity.
+/// `.Data.<key>` against a v2 mount renders the literal text `<no value>` and
+/// the agent still exits 0, because vault-k8s leaves `error_on_missing_key`
+/// false unless `error-on-missing-key-<name>` is set.
 #[test]
 fn istiod_kv_v2_istio_layout_renders_byte_for_byte() {
     let (pod_yaml, pod) = istiod_pod(true);
