@@ -517,15 +517,7 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
         let f = "profiles.istiod";
         names.push((f.into(), "istiod"));
         selectors.push((f.into(), &i.selector));
-        check_profile_common(
-            f,
-            &i.role,
-            &i.secret_path,
-            &i.selector,
-            &i.files,
-            raw.vault.kv_version,
-            &mut bad,
-        );
+        check_profile_common(f, &i.role, &i.secret_path, &i.selector, &i.files, &mut bad);
         if i.container.trim().is_empty() {
             bad(format!("{f}.container"), "must not be empty".into());
         }
@@ -561,15 +553,7 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
         }
         names.push((format!("{f}.name"), &g.name));
         selectors.push((f.clone(), &g.selector));
-        check_profile_common(
-            &f,
-            &g.role,
-            &g.secret_path,
-            &g.selector,
-            &g.files,
-            raw.vault.kv_version,
-            &mut bad,
-        );
+        check_profile_common(&f, &g.role, &g.secret_path, &g.selector, &g.files, &mut bad);
         if g.files.is_empty() {
             bad(format!("{f}.files"), "must name at least one file".into());
         }
@@ -601,22 +585,12 @@ fn check_profile_common(
     secret_path: &str,
     selector: &BTreeMap<String, String>,
     files: &BTreeMap<String, String>,
-    kv_version: u8,
     bad: &mut impl FnMut(String, String),
 ) {
     if role.trim().is_empty() {
         bad(format!("{f}.role"), "must not be empty".into());
     }
     check_path(secret_path, &format!("{f}.secretPath"), bad);
-    if kv_version == 2 && !secret_path.is_empty() && !secret_path.contains("/data/") {
-        bad(
-            format!("{f}.secretPath"),
-            format!(
-                "{secret_path:?}: with kvVersion 2 the agent reads the API path, which has \
-                 data/ after the mount, e.g. kubernetes-cluster1-secrets/data/istiod-service/certs"
-            ),
-        );
-    }
     if selector.is_empty() {
         bad(
             format!("{f}.match"),

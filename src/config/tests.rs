@@ -259,14 +259,15 @@ fn rejects_kv_version_other_than_1_or_2() {
 }
 
 #[test]
-fn kv_v2_paths_must_name_the_data_segment() {
-    let e = err(
-        "cluster: c\nvault: { authPath: auth/k, kvVersion: 2 }\nprofiles: { istiod: { secretPath: m/p } }\n",
-    );
-    assert!(
-        e.contains("profiles.istiod.secretPath") && e.contains("data/"),
-        "{e}"
-    );
+fn kv_v2_accepts_paths_with_or_without_the_data_segment() {
+    // The agent adds `data/` itself for a KV v2 mount (tests/vault_agent.rs
+    // renders both forms), so both spellings are valid.
+    for path in ["m/data/p", "m/p"] {
+        let yaml = format!(
+            "cluster: c\nvault: {{ authPath: auth/k, kvVersion: 2 }}\nprofiles: {{ istiod: {{ secretPath: {path} }} }}\n"
+        );
+        assert!(Config::parse(&yaml).is_ok(), "{path}");
+    }
 }
 
 #[test]
