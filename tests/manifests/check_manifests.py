@@ -229,7 +229,7 @@ def namespaces_and_labels(ctx):
             else:
                 assert md.get("namespace") == NS, f"{what}: namespace {md.get('namespace')}"
             labels = md.get("labels", {})
-            # uninstall selects by this label (INSTALL.md)
+            # uninstall selects by this label (the README (Install on a cluster))
             assert labels.get("app.kubernetes.io/part-of") == NAME, f"{what}: no part-of label"
 
 
