@@ -17,6 +17,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the webhook (HTTPS) and the admin endpoints (HTTP).
     Serve(ServeArgs),
@@ -76,6 +78,14 @@ pub struct ServeArgs {
     /// Require client certificates signed by this CA (PEM).
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
+    /// Lifetime of the self-signed CA and serving certificate; they are
+    /// rotated when a third of it remains (default 1 year; for tests).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, hide = true)]
+    pub self_signed_validity: Option<std::time::Duration>,
+    /// Kubernetes API server URL, unauthenticated (for tests). Default: the
+    /// kubeconfig ($KUBECONFIG, ~/.kube/config), else the in-cluster config.
+    #[arg(long, value_name = "URL", hide = true)]
+    pub kube_api: Option<String>,
 
     /// Service name the API server calls (for the self-signed certificate's SANs).
     #[arg(long, default_value = "istio-vault-webhook")]
@@ -111,7 +121,7 @@ pub struct CheckArgs {
     pub files: Vec<PathBuf>,
 }
 
-/// Parses `10s`, `500ms`, `2m` or a bare number of seconds.
+/// Parses `10s`, `500ms`, `2m`, `1h`, `365d` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
@@ -124,7 +134,9 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(match unit {
         "ms" => std::time::Duration::from_millis(n),
         "s" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_secs(n * 60),
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "d" => std::time::Duration::from_secs(n.saturating_mul(86400)),
+        _ => return Err(format!("{s:?}: unit must be ms, s, m, h or d")),
     })
 }

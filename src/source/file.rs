@@ -4,7 +4,7 @@
 //! kubelet does when a mounted ConfigMap changes: the path stays the same,
 //! `..data` is re-pointed, and no write event happens on the file itself.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use crate::config::Config;
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Loads the file once, synchronously, so `serve` starts with it.
-pub fn load_once(path: &PathBuf, store: &ConfigStore) -> Option<Vec<u8>> {
+pub fn load_once(path: &Path, store: &ConfigStore) -> Option<Vec<u8>> {
     match std::fs::read(path) {
         Ok(bytes) => {
             apply(path, &bytes, store);
@@ -29,7 +29,7 @@ pub fn load_once(path: &PathBuf, store: &ConfigStore) -> Option<Vec<u8>> {
     }
 }
 
-fn apply(path: &PathBuf, bytes: &[u8], store: &ConfigStore) {
+fn apply(path: &Path, bytes: &[u8], store: &ConfigStore) {
     let parsed = std::str::from_utf8(bytes)
         .map_err(|e| format!("not UTF-8: {e}"))
         .and_then(|text| Config::from_document(text).map_err(|e| e.to_string()));
