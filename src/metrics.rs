@@ -27,6 +27,18 @@ pub struct SourceLabels {
     pub source: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    /// What is watched: "configmap" or "webhookconfiguration".
+    pub watch: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// updated | unchanged | conflict | not_found | error
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub admissions: Family<AdmissionLabels, Counter>,
@@ -37,6 +49,15 @@ pub struct Metrics {
     /// 1 for the config in force, labelled with its cluster and hash.
     pub config_info: Family<ConfigLabels, Gauge>,
     pub tls_not_after: Gauge,
+    /// Errors of Kubernetes API watches (each is retried with backoff).
+    pub watch_errors: Family<WatchLabels, Counter>,
+    /// caBundle reconciliations of the MutatingWebhookConfiguration, by result.
+    pub ca_bundle_updates: Family<ResultLabels, Counter>,
+    /// 1 when the webhook configuration's caBundle is known to trust the
+    /// serving certificate of this replica (only with --webhook-config).
+    pub ca_bundle_trusted: Gauge,
+    /// Self-signed certificate rotations done since start.
+    pub tls_rotations: Counter,
 }
 
 impl Default for Metrics {
@@ -94,6 +115,30 @@ impl Metrics {
             "Expiry (Unix time) of the serving certificate in use",
             tls_not_after.clone(),
         );
+        let watch_errors = Family::<WatchLabels, Counter>::default();
+        registry.register(
+            "kube_watch_errors",
+            "Errors while listing or watching through the Kubernetes API (the watch resumes with backoff)",
+            watch_errors.clone(),
+        );
+        let ca_bundle_updates = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "ca_bundle_reconciles",
+            "Reconciliations of the MutatingWebhookConfiguration caBundle, by result (updated, unchanged, conflict, not_found, error)",
+            ca_bundle_updates.clone(),
+        );
+        let ca_bundle_trusted = Gauge::default();
+        registry.register(
+            "ca_bundle_trusted",
+            "1 when the MutatingWebhookConfiguration's caBundle trusts this replica's CA (--webhook-config)",
+            ca_bundle_trusted.clone(),
+        );
+        let tls_rotations = Counter::default();
+        registry.register(
+            "tls_certificate_rotations",
+            "Self-signed CA and serving certificate rotations since start",
+            tls_rotations.clone(),
+        );
         Metrics {
             registry,
             admissions,
@@ -103,6 +148,10 @@ impl Metrics {
             config_load_errors,
             config_info,
             tls_not_after,
+            watch_errors,
+            ca_bundle_updates,
+            ca_bundle_trusted,
+            tls_rotations,
         }
     }
 

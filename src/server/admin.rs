@@ -18,6 +18,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// True while the HTTPS listener accepts connections.
     pub serving: Arc<AtomicBool>,
+    /// With `--webhook-config`: ready only once the caBundle trusts us.
+    pub ca_bundle: Option<Arc<crate::tls::ca_bundle::CaBundle>>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -35,13 +37,25 @@ pub fn router(admin: Admin) -> Router {
 async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
     let snap = admin.config.load();
     let mut body = String::new();
-    let status = if admin.serving.load(Ordering::Relaxed) {
-        body.push_str("ready: HTTPS serving\n");
-        StatusCode::OK
-    } else {
+    // An untrusted certificate fails every call with an opaque TLS error, so
+    // a replica the caBundle does not trust yet takes no traffic.
+    let trusted = admin.ca_bundle.as_ref().is_none_or(|b| b.status().ready());
+    let status = if !admin.serving.load(Ordering::Relaxed) {
         body.push_str("not ready: HTTPS not serving\n");
         StatusCode::SERVICE_UNAVAILABLE
+    } else if !trusted {
+        body.push_str(
+            "not ready: the webhook configuration's caBundle does not trust this replica yet\n",
+        );
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        body.push_str("ready: HTTPS serving\n");
+        StatusCode::OK
     };
+    if let Some(b) = &admin.ca_bundle {
+        body.push_str(&b.describe());
+        body.push('\n');
+    }
     match &snap.config {
         Some(c) => body.push_str(&format!(
             "config: loaded, cluster {}, {}, generation {}\n",

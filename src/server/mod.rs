@@ -19,11 +19,18 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{LogFormat, ServeArgs};
 use crate::config::{Config, EXAMPLE_CONFIG};
 use crate::metrics::Metrics;
+use crate::source::configmap::{self, ConfigMapRef};
 use crate::source::{ConfigStore, file};
+use crate::tls::ca_bundle::{self, CaBundle};
 use crate::tls::{self, CertFiles, CertStore, self_signed};
 
 /// Lifetime of a self-signed CA and serving certificate.
 pub const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long `start` waits for the first read of the ConfigMap before
+/// serving anyway (admissions before that would deny istiod needlessly).
+pub const FIRST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on withdrawing this replica's CA from the caBundle at shutdown.
+pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl ServeArgs {
     /// `istio-vault-webhook` with no subcommand: `serve` with every default.
@@ -51,6 +58,10 @@ pub struct Running {
     pub ca_pem: Option<String>,
     pub config: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
+    /// The served certificate.
+    pub certs: Arc<CertStore>,
+    /// The caBundle manager, with `--tls-self-signed --webhook-config`.
+    pub ca_bundle: Option<Arc<CaBundle>>,
     pub shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -71,7 +82,11 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     let mut tasks = Vec::new();
 
     // Outside a cluster with no config flag: the embedded example on localhost.
-    let embedded = args.config.is_none() && args.config_map.is_none() && !in_cluster();
+    let embedded = args.config.is_none()
+        && args.config_map.is_none()
+        && args.kube_api.is_none()
+        && !in_cluster();
+    let mut kube: Option<kube::Client> = None;
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let any = |port: u16| SocketAddr::from(([0, 0, 0, 0], port));
     let listen = args
@@ -108,18 +123,37 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         store.set(Config::parse(EXAMPLE_CONFIG).context("embedded example config")?);
         store
     } else {
-        let target = match &args.config_map {
-            Some(t) => t.clone(),
-            None => format!("{}/istio-vault-webhook", args.namespace),
-        };
-        bail!(
-            "--config-map {target}: watching a ConfigMap is not available in this build; \
-             use --config FILE (e.g. a mounted ConfigMap volume)"
-        );
+        let target = ConfigMapRef::parse(
+            args.config_map.as_deref().unwrap_or("istio-vault-webhook"),
+            &args.namespace,
+        )?;
+        let store = Arc::new(ConfigStore::new(
+            metrics.clone(),
+            "configmap",
+            target.pending_message(),
+        ));
+        let client = kube_client(&args, &mut kube).await?;
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tasks.push(tokio::spawn(configmap::watch(
+            client,
+            target.clone(),
+            store.clone(),
+            metrics.clone(),
+            Some(first_tx),
+            shutdown.clone(),
+        )));
+        if tokio::time::timeout(FIRST_READ_TIMEOUT, first_rx)
+            .await
+            .is_err()
+        {
+            tracing::warn!(configmap = %target, "ConfigMap not read yet; serving anyway (istiod Pods are denied until it is)");
+        }
+        store
     };
 
     // --- certificates -----------------------------------------------------
     let mut ca_pem = None;
+    let mut ca_bundle = None;
     let certs = if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let files = CertFiles {
             cert: cert.clone(),
@@ -136,7 +170,8 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
     } else if args.tls_self_signed || !in_cluster() {
         let mut names = self_signed::service_names(&args.service_name, &args.namespace);
         names.push("localhost".into());
-        let generated = self_signed::generate(&names, SELF_SIGNED_VALIDITY)?;
+        let validity = args.self_signed_validity.unwrap_or(SELF_SIGNED_VALIDITY);
+        let generated = self_signed::generate(&names, validity)?;
         let ca_out = args.ca_out.clone().or_else(|| {
             (!in_cluster()).then(|| {
                 std::env::temp_dir()
@@ -147,15 +182,32 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         if let Some(path) = &ca_out {
             write_public(path, generated.ca_pem.as_bytes())?;
         }
-        if args.webhook_config.is_some() {
-            bail!("--webhook-config: caBundle management is not available in this build");
+        let store = CertStore::new(generated.key.clone(), metrics.clone());
+        if let Some(name) = &args.webhook_config {
+            let client = kube_client(&args, &mut kube).await?;
+            let bundle = CaBundle::new(client, name, metrics.clone(), ca_bundle::RESYNC);
+            bundle.require(vec![generated.ca()]);
+            tasks.push(tokio::spawn(bundle.clone().run(shutdown.clone())));
+            ca_bundle = Some(bundle);
         }
         ca_pem = Some(generated.ca_pem.clone());
-        CertStore::new(generated.key, metrics.clone())
+        let rotation = self_signed::Rotation {
+            names,
+            validity,
+            certs: store.clone(),
+            bundle: ca_bundle.clone(),
+            ca_out,
+            metrics: metrics.clone(),
+        };
+        tasks.push(tokio::spawn(rotation.run(generated, shutdown.clone())));
+        store
     } else {
         bail!("no serving certificate: pass --tls-cert FILE --tls-key FILE, or --tls-self-signed");
     };
-    let tls_config = Arc::new(tls::server_config(certs, args.client_ca.as_deref())?);
+    let tls_config = Arc::new(tls::server_config(
+        certs.clone(),
+        args.client_ca.as_deref(),
+    )?);
 
     // --- listeners --------------------------------------------------------
     let https_listener = TcpListener::bind(listen)
@@ -178,6 +230,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         let serving = serving.clone();
         let admin_stop = admin_stop.clone();
         let drain = args.drain_timeout;
+        let bundle = ca_bundle.clone();
         tasks.push(tokio::spawn(async move {
             let not_ready = https_shutdown.clone();
             let flag = serving.clone();
@@ -193,6 +246,21 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 drain,
             )
             .await;
+            // Nothing can reach this replica any more: stop asking the API
+            // server to trust it (other replicas' CAs stay).
+            if let Some(bundle) = bundle {
+                match tokio::time::timeout(WITHDRAW_TIMEOUT, bundle.withdraw()).await {
+                    Ok(Ok(outcome)) => {
+                        tracing::info!(?outcome, "CA withdrawn from the caBundle")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %format!("{e:#}"), "CA not withdrawn from the caBundle; it is pruned when it expires")
+                    }
+                    Err(_) => tracing::warn!(
+                        "CA withdrawal timed out; it is pruned from the caBundle when it expires"
+                    ),
+                }
+            }
             // The admin server outlives the drain so probes see "not ready"
             // rather than a refused connection while requests finish.
             admin_stop.cancel();
@@ -202,6 +270,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         config: config.clone(),
         metrics: metrics.clone(),
         serving,
+        ca_bundle: ca_bundle.clone(),
     });
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
@@ -219,9 +288,38 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         ca_pem,
         config,
         metrics,
+        certs,
+        ca_bundle,
         shutdown,
         tasks,
     })
+}
+
+/// The Kubernetes client, created on first use: `--kube-api URL`
+/// (unauthenticated, for tests), else the kubeconfig ($KUBECONFIG,
+/// ~/.kube/config), else the in-cluster service account.
+async fn kube_client(
+    args: &ServeArgs,
+    cached: &mut Option<kube::Client>,
+) -> anyhow::Result<kube::Client> {
+    if let Some(client) = cached {
+        return Ok(client.clone());
+    }
+    let config = match &args.kube_api {
+        Some(url) => {
+            let uri = url
+                .parse::<axum::http::Uri>()
+                .with_context(|| format!("--kube-api {url:?}: not a URL"))?;
+            kube::Config::new(uri)
+        }
+        None => kube::Config::infer().await.context(
+            "cannot reach the Kubernetes API: no kubeconfig ($KUBECONFIG, ~/.kube/config) \
+             and not running in a cluster; use --config FILE outside a cluster",
+        )?,
+    };
+    let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+    *cached = Some(client.clone());
+    Ok(client)
 }
 
 /// Entry point of `serve`: logs, runtime, signals.

@@ -4,6 +4,7 @@
 //! [`ConfigStore`]; the admission path takes a snapshot with a lock-free
 //! `ArcSwap` load, so a slow writer can never stall an admission.
 
+pub mod configmap;
 pub mod file;
 
 use std::sync::Arc;

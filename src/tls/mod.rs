@@ -5,6 +5,7 @@
 //! from an `ArcSwap`: a rotation affects new connections only, and existing
 //! connections finish on the certificate they started with.
 
+pub mod ca_bundle;
 pub mod self_signed;
 
 use std::path::{Path, PathBuf};
@@ -137,6 +138,9 @@ pub fn certified_key_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result
         .map_err(|e| anyhow!("certificate and key do not match: {e}"))
 }
 
+/// The bytes of a certificate file and its key file, as last read.
+pub type PemPair = (Vec<u8>, Vec<u8>);
+
 /// The certificate files of `--tls-cert/--tls-key`.
 #[derive(Debug, Clone)]
 pub struct CertFiles {
@@ -145,7 +149,7 @@ pub struct CertFiles {
 }
 
 impl CertFiles {
-    fn read(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    fn read(&self) -> anyhow::Result<PemPair> {
         let cert = std::fs::read(&self.cert)
             .with_context(|| format!("cannot read {}", self.cert.display()))?;
         let key = std::fs::read(&self.key)
@@ -153,7 +157,8 @@ impl CertFiles {
         Ok((cert, key))
     }
 
-    pub fn load(&self) -> anyhow::Result<(CertifiedKey, (Vec<u8>, Vec<u8>))> {
+    /// The served key and the (cert, key) bytes it came from.
+    pub fn load(&self) -> anyhow::Result<(CertifiedKey, PemPair)> {
         let (cert, key) = self.read()?;
         let ck = certified_key_from_pem(&cert, &key)
             .with_context(|| format!("{} / {}", self.cert.display(), self.key.display()))?;
@@ -166,7 +171,7 @@ impl CertFiles {
     pub async fn watch(
         self,
         store: Arc<CertStore>,
-        mut last: (Vec<u8>, Vec<u8>),
+        mut last: PemPair,
         shutdown: CancellationToken,
     ) {
         let mut reported: Option<String> = None;

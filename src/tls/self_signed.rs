@@ -1,6 +1,15 @@
 //! A CA and serving certificate generated in memory (rcgen). The private
 //! keys never touch disk; only the CA certificate is ever written out.
+//!
+//! Rotation: when less than a third of the lifetime remains, a new CA and
+//! serving certificate are generated; the new CA is published first (into
+//! the webhook configuration's caBundle and/or the `--ca-out` file) next to
+//! the old one, and only once the API server has confirmed the update (plus
+//! a short propagation delay for other API server replicas' informers) do
+//! new TLS handshakes get the new certificate.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,6 +19,11 @@ use rcgen::{
 };
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::CertStore;
+use super::ca_bundle::{CaBundle, CaCert};
+use crate::metrics::Metrics;
 
 /// One generated CA with the serving certificate it signed.
 pub struct SelfSigned {
@@ -17,6 +31,22 @@ pub struct SelfSigned {
     pub ca_der: Vec<u8>,
     pub key: CertifiedKey,
     pub not_after: OffsetDateTime,
+    /// The lifetime asked for (not counting the clock-skew allowance).
+    pub validity: Duration,
+}
+
+impl SelfSigned {
+    pub fn ca(&self) -> CaCert {
+        CaCert {
+            der: self.ca_der.clone(),
+            not_after: self.not_after.unix_timestamp(),
+        }
+    }
+
+    /// When to rotate: once less than a third of the lifetime remains.
+    pub fn renew_at(&self) -> OffsetDateTime {
+        self.not_after - self.validity / 3
+    }
 }
 
 /// The DNS names the API server may use for a Service: `svc`, `svc.ns`,
@@ -84,5 +114,137 @@ pub fn generate(dns_names: &[String], validity: Duration) -> anyhow::Result<Self
         ca_der: ca_cert.der().to_vec(),
         key,
         not_after,
+        validity,
     })
+}
+
+/// Rotates a self-signed CA and serving certificate before they expire.
+pub struct Rotation {
+    pub names: Vec<String>,
+    pub validity: Duration,
+    pub certs: Arc<CertStore>,
+    /// The webhook configuration whose caBundle must trust the CA.
+    pub bundle: Option<Arc<CaBundle>>,
+    /// `--ca-out`: rewritten with the old and new CA before the switch.
+    pub ca_out: Option<PathBuf>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Rotation {
+    /// Time between publishing a new CA and serving with it: lets every API
+    /// server replica's informer see the new caBundle first.
+    pub fn propagation_delay(&self) -> Duration {
+        (self.validity / 20).min(Duration::from_secs(10))
+    }
+
+    /// Rotates `current` (already served and published) forever.
+    pub async fn run(self, mut current: SelfSigned, shutdown: CancellationToken) {
+        loop {
+            // Sleep in bounded steps: tokio timers cap out near two years,
+            // and the wall clock may jump while the Pod is suspended.
+            loop {
+                let left = current.renew_at() - OffsetDateTime::now_utc();
+                let Ok(left) = Duration::try_from(left) else {
+                    break;
+                };
+                if left.is_zero() {
+                    break;
+                }
+                if !pause(left.min(Duration::from_secs(3600)), &shutdown).await {
+                    return;
+                }
+            }
+            let next = match generate(&self.names, self.validity) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot generate the next certificate");
+                    if !pause(Duration::from_secs(10), &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let both = [current.ca(), next.ca()];
+            let mut failures = 0u32;
+            loop {
+                match self.publish(&both).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        failures += 1;
+                        let wait = Duration::from_millis(500)
+                            .saturating_mul(1 << failures.min(6))
+                            .min(Duration::from_secs(30));
+                        tracing::warn!(
+                            error = %format!("{e:#}"),
+                            retry_in_s = wait.as_secs_f32(),
+                            "cannot publish the next CA; still serving the current certificate"
+                        );
+                        if !pause(wait, &shutdown).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !pause(self.propagation_delay(), &shutdown).await {
+                return;
+            }
+            self.certs.set(next.key.clone());
+            if let Some(bundle) = &self.bundle {
+                // The old CA stays in the bundle until it expires (or this
+                // replica shuts down): connections made before the switch
+                // finish on it.
+                bundle.require(vec![next.ca()]);
+            }
+            self.metrics.tls_rotations.inc();
+            tracing::info!(
+                not_after = %next.not_after,
+                renew_at = %next.renew_at(),
+                "self-signed CA and serving certificate rotated"
+            );
+            current = next;
+        }
+    }
+
+    async fn publish(&self, cas: &[CaCert]) -> anyhow::Result<()> {
+        if let Some(path) = &self.ca_out {
+            let pem: String = cas.iter().map(CaCert::pem).collect();
+            write_atomic(path, pem.as_bytes())?;
+        }
+        if let Some(bundle) = &self.bundle {
+            bundle.require(cas.to_vec());
+            let outcome = bundle.reconcile(None).await?;
+            tracing::info!(
+                webhook_config = bundle.name(),
+                ?outcome,
+                "next CA published next to the current one"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Sleeps `d` unless shut down first; false when shut down.
+async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Replaces a public file atomically (readers never see half a bundle).
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
 }
