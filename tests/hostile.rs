@@ -16,9 +16,9 @@
 //!    request on a fresh connection beside them is answered in well under a
 //!    second, and the server's handshake/header timeouts (10 s) close every
 //!    stalled connection.
-//! 3. `tls_connections_idle_before_the_first_request_byte_are_closed`: the
-//!    same for TLS connections that stall before hyper knows whether they
-//!    speak HTTP/1.1 or h2.
+//! 3. `tls_connections_stalling_outside_the_headers_are_closed`: the same
+//!    for TLS connections that stall before hyper knows whether they speak
+//!    HTTP/1.1 or h2, or in the request body.
 
 mod support;
 
@@ -660,6 +660,8 @@ enum Stall {
     PartialH2Preface,
     /// TLS done, then a single "P" (could still be "PRI * HTTP/2.0").
     OneByte,
+    /// TLS done, complete headers announcing a 1000-byte body, 5 bytes of it.
+    SlowBody,
 }
 
 /// Opens one stalled connection. Resolves when it is established and
@@ -705,7 +707,11 @@ async fn stall(
             }
             Ok(tokio::spawn(until_closed(tcp, opened, how)))
         }
-        Stall::SlowHeader | Stall::SilentTls | Stall::OneByte | Stall::PartialH2Preface => {
+        Stall::SlowHeader
+        | Stall::SilentTls
+        | Stall::OneByte
+        | Stall::PartialH2Preface
+        | Stall::SlowBody => {
             let alpn: &[u8] = if how == Stall::PartialH2Preface {
                 b"h2"
             } else {
@@ -720,6 +726,9 @@ async fn stall(
                 Stall::SlowHeader => b"POST /mutate?timeout=10s HTTP/1.1\r\nHo",
                 Stall::OneByte => b"P",
                 Stall::PartialH2Preface => b"PRI * HTTP/2.0\r\n",
+                Stall::SlowBody => {
+                    b"POST /mutate?timeout=10s HTTP/1.1\r\nHost: istio-vault-webhook.istio-vault-webhook.svc:443\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"a\":"
+                }
                 _ => b"",
             };
             if !first.is_empty() {
@@ -857,12 +866,23 @@ async fn stalled_connections_do_not_delay_real_requests_and_are_closed() {
     );
 }
 
+/// Stalls the HTTP/1.1 header-read timeout does not cover today: before
+/// hyper-util's auto builder has read enough bytes to choose HTTP/1.1 or h2
+/// (no timer runs while it waits), and in the request body (no body-read
+/// timeout). The API server never stalls like this, but anyone who can reach
+/// the Service can hold connections open for ever this way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_connections_idle_before_the_first_request_byte_are_closed() {
+async fn tls_connections_stalling_outside_the_headers_are_closed() {
+    const PER_KIND: usize = 5;
     let server = TestServer::start(CONFIG).await;
-    let kinds = [Stall::SilentTls, Stall::OneByte, Stall::PartialH2Preface];
+    let kinds = [
+        Stall::SilentTls,
+        Stall::OneByte,
+        Stall::PartialH2Preface,
+        Stall::SlowBody,
+    ];
     let mut handles = Vec::new();
-    for how in kinds.iter().flat_map(|k| std::iter::repeat_n(*k, 5)) {
+    for how in kinds.iter().flat_map(|k| std::iter::repeat_n(*k, PER_KIND)) {
         let h = stall(server.https, &server.ca_pem, how)
             .await
             .unwrap_or_else(|e| panic!("opening a {how:?} connection: {e}"));
@@ -873,17 +893,20 @@ async fn tls_connections_idle_before_the_first_request_byte_are_closed() {
         latency < Duration::from_secs(1),
         "fresh request took {latency:?}"
     );
-    let mut failures = Vec::new();
-    for (_, h) in handles {
-        if let Err(e) = h.await.expect("monitor task") {
-            failures.push(e);
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
+    for (how, h) in handles {
+        if h.await.expect("monitor task").is_err() {
+            *failures.entry(format!("{how:?}")).or_default() += 1;
         }
     }
+    let listed: Vec<String> = failures
+        .iter()
+        .map(|(how, n)| format!("{how}: {n} of {PER_KIND} still open after {CLOSE_DEADLINE:?}"))
+        .collect();
     assert!(
         failures.is_empty(),
-        "the server must close TLS connections that send no complete request header within \
-         its 10 s header-read timeout; {} of 15 stayed open:\n  {}",
-        failures.len(),
-        failures.join("\n  ")
+        "the server must close TLS connections that stall (no complete request) within about \
+         10 s, as it does for slow headers:\n  {}",
+        listed.join("\n  ")
     );
 }
