@@ -670,16 +670,19 @@ async fn update_and_delete_are_allowed_without_patch() {
 async fn deployment_and_subresource_reviews_are_allowed_without_patch() {
     let server = TestServer::start(&test_config()).await;
     let mut conn = server.h1().await;
-    let pod = fixture("istiod");
-    let deployment = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "istiod", "namespace": "istio-system", "labels": {"app": "istiod"}},
-        "spec": {
-            "selector": {"matchLabels": {"app": "istiod"}},
-            "template": {"metadata": pod["metadata"].clone(), "spec": pod["spec"].clone()}
-        }
-    });
+    // The upstream istiod Deployment (helm template output), as JSON.
+    let path = format!(
+        "{}/tests/fixtures/workloads/istiod-deployment.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let yaml = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let deployment: Value =
+        serde_yaml_ng::from_str(&yaml).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert_eq!(deployment["kind"], "Deployment");
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"]["app"], "istiod",
+        "the Deployment's Pod template is an istiod Pod (the webhook would patch it as a Pod)"
+    );
     let mut review = ReviewSpec::pod_create(&deployment);
     review.kind = ("apps", "v1", "Deployment");
     review.resource = ("apps", "v1", "deployments");
