@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -32,6 +33,8 @@ pub const MAX_BODY: usize = 7 * 1024 * 1024;
 /// Go's transport (the API server) notices the close and re-dials.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on receiving a request body once its headers are in.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct App {
@@ -40,13 +43,48 @@ pub struct App {
 }
 
 pub fn router(app: App) -> Router {
-    Router::new()
-        .route("/mutate", post(mutate))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(app)
+    Router::new().route("/mutate", post(mutate)).with_state(app)
 }
 
-async fn mutate(State(app): State<App>, body: Bytes) -> Response {
+/// Reads the body with a size cap and a deadline: a client trickling a body
+/// must not hold a connection (and its memory) forever.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, Response> {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body exceeds 7 MiB\n",
+        )
+            .into_response()
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("cannot read request body: {e}\n"),
+        )
+            .into_response()),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            [(header::CONNECTION, "close")],
+            "request body not received within 10 s\n",
+        )
+            .into_response()),
+    }
+}
+
+async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Response {
+    let body = match read_body(&headers, body).await {
+        Ok(b) => b,
+        Err(response) => return response,
+    };
     let start = Instant::now();
     let snapshot = app.config.load();
     let result = admission::review(&body, snapshot.state());
@@ -99,6 +137,41 @@ async fn mutate(State(app): State<App>, body: Bytes) -> Response {
     }
 }
 
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type ConnResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// HTTP/2 has no header-read timer in hyper: a peer that completes TLS and
+/// then never sends its preface or a request would hold the connection
+/// forever. Give it [`HEADER_READ_TIMEOUT`] to send its first request.
+async fn serve_h2(
+    builder: &auto::Builder<TokioExecutor>,
+    tls: TlsStream,
+    router: TowerToHyperService<Router>,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> ConnResult {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let seen = Arc::new(AtomicBool::new(false));
+    let flag = seen.clone();
+    let service = hyper::service::service_fn(move |req| {
+        flag.store(true, Ordering::Relaxed);
+        hyper::service::Service::call(&router, req)
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(tls), service)
+        .into_owned();
+    let conn = watcher.watch(conn);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = &mut conn => return result,
+        _ = tokio::time::sleep(HEADER_READ_TIMEOUT) => {}
+    }
+    if seen.load(Ordering::Relaxed) {
+        conn.await
+    } else {
+        Ok(()) // dropping the connection closes it
+    }
+}
+
 /// Serves `router` over TLS on `listener` until `shutdown`, then drains:
 /// no new connections, in-flight requests finish, idle keep-alive
 /// connections are closed, and after `drain_timeout` the rest are dropped.
@@ -111,19 +184,21 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    // The protocol is fixed by ALPN before the first byte of HTTP: a builder
+    // per protocol lets hyper start the HTTP/1 header-read timer at once
+    // (auto-detection would first wait, unbounded, for a preface).
+    let mut h1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+    h1.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut h2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+    h2.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let (h1, h2) = (Arc::new(h1), Arc::new(h2));
     let service = TowerToHyperService::new(router);
 
     loop {
@@ -141,7 +216,7 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let builder = builder.clone();
+        let (h1, h2) = (h1.clone(), h2.clone());
         let service = service.clone();
         let watcher = graceful.watcher();
         let stop = shutdown.clone();
@@ -160,10 +235,14 @@ pub async fn serve(
                     }
                 },
             };
-            let conn = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let result = if is_h2 {
+                serve_h2(&h2, tls, service, watcher).await
+            } else {
+                let conn = h1.serve_connection(TokioIo::new(tls), service).into_owned();
+                watcher.watch(conn).await
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
