@@ -342,6 +342,8 @@ pub struct CaBundle {
     status: ArcSwap<Status>,
     /// One reconciliation at a time within this replica.
     busy: tokio::sync::Mutex<()>,
+    /// Set by `withdraw`: no reconciliation may add our CAs back.
+    withdrawn: std::sync::atomic::AtomicBool,
     resync: Duration,
 }
 
@@ -374,6 +376,7 @@ impl CaBundle {
             cas: Mutex::new(Cas::default()),
             status: ArcSwap::from_pointee(Status::Pending),
             busy: tokio::sync::Mutex::new(()),
+            withdrawn: std::sync::atomic::AtomicBool::new(false),
             resync,
         })
     }
@@ -437,6 +440,9 @@ impl CaBundle {
     /// from `seen` (an object just received from a watch) or a fresh read.
     pub async fn reconcile(&self, seen: Option<DynamicObject>) -> anyhow::Result<Outcome> {
         let _busy = self.busy.lock().await;
+        if self.withdrawn.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Outcome::Unchanged);
+        }
         let result = self.reconcile_locked(seen, false).await;
         match &result {
             Ok(_) => {}
@@ -565,6 +571,8 @@ impl CaBundle {
     /// after the HTTPS listener has stopped; best effort.
     pub async fn withdraw(&self) -> anyhow::Result<Outcome> {
         let _busy = self.busy.lock().await;
+        self.withdrawn
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.reconcile_locked(None, true).await
     }
 
@@ -581,6 +589,7 @@ impl CaBundle {
         let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
             let seen = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
                 _ = resync.tick() => None,
                 _ = sleep_until(retry_at) => None,

@@ -137,6 +137,8 @@ struct State {
     log: Vec<Logged>,
     conflicts_to_inject: u32,
     uid: u64,
+    /// Added before answering each PUT (a slow etcd, a distant API server).
+    write_delay: Duration,
 }
 
 struct Inner {
@@ -564,6 +566,11 @@ impl FakeApiServer {
         self.state().conflicts_to_inject = n;
     }
 
+    /// Makes every PUT take `delay` longer.
+    pub fn delay_writes(&self, delay: Duration) {
+        self.state().write_delay = delay;
+    }
+
     /// Stops listening and drops every connection: clients get
     /// "connection refused" until `restart`.
     pub async fn stop(&self) {
@@ -687,6 +694,8 @@ async fn dispatch(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
                 Ok(b) => b,
                 Err(r) => return r,
             };
+            let delay = inner.state.lock().unwrap().write_delay;
+            tokio::time::sleep(delay).await;
             update(inner, kind, &ns, &name, body)
         }
         (Method::POST, None) => {
