@@ -583,6 +583,8 @@ impl CaBundle {
         let mut events = watch_stream(self.api.clone(), config)
             .default_backoff()
             .boxed();
+        // The first tick is immediate: the start-up reconciliation does not
+        // wait for the watch (whose failures are only retried, not shown).
         let mut resync = tokio::time::interval(self.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures: u32 = 0;
