@@ -103,7 +103,8 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
                     outcome: outcome.as_str(),
                 })
                 .inc();
-            let message = match &reviewed.decision {
+            // Not `message`: that is the event's own field in JSON logs.
+            let reason = match &reviewed.decision {
                 crate::mutate::Decision::Deny { message, .. } => message.as_str(),
                 _ => "",
             };
@@ -115,7 +116,7 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
                 outcome = outcome.as_str(),
                 dry_run = reviewed.dry_run,
                 duration_us = elapsed.as_micros() as u64,
-                message,
+                reason,
                 "admission"
             );
             ([(header::CONTENT_TYPE, "application/json")], reviewed.body).into_response()
