@@ -284,14 +284,14 @@ def role_reads_only_its_configmap(ctx):
 
 
 @case
-def clusterrole_only_patches_its_own_webhook_configuration(ctx):
+def clusterrole_only_updates_its_own_webhook_configuration(ctx):
     for name in ("base", "cluster1", "cluster2", "reinvocation"):
         docs = ctx.ours(name)
         mwc_name = get(docs, "MutatingWebhookConfiguration")["metadata"]["name"]
         cr = get(docs, "ClusterRole")
         assert cr["rules"] == [{"apiGroups": ["admissionregistration.k8s.io"],
                                 "resources": ["mutatingwebhookconfigurations"], "resourceNames": [mwc_name],
-                                "verbs": ["get", "list", "watch", "patch", "update"]}], cr["rules"]
+                                "verbs": ["get", "list", "watch", "update"]}], cr["rules"]
         args = container(docs)["args"]
         assert "--tls-self-signed" in args and flag(args, "--webhook-config") == mwc_name
         crb = get(docs, "ClusterRoleBinding")
