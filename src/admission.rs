@@ -21,20 +21,22 @@ use crate::patch;
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
 
+/// `O` is what `request.object` is read as: a [`PodView`] in the one-pass
+/// fast path, raw JSON in the exact path (see [`review`]).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewIn<'a> {
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+struct ReviewIn<'a, O> {
     #[serde(borrow)]
     api_version: Option<Cow<'a, str>>,
     #[serde(borrow)]
     kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<RequestIn<'a, O>>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RequestIn<'a> {
+#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
+struct RequestIn<'a, O> {
     #[serde(borrow)]
     uid: Cow<'a, str>,
     #[serde(borrow)]
@@ -49,8 +51,8 @@ struct RequestIn<'a> {
     operation: Cow<'a, str>,
     #[serde(default)]
     dry_run: Option<bool>,
-    #[serde(borrow, default)]
-    object: Option<&'a RawValue>,
+    #[serde(default)]
+    object: Option<O>,
 }
 
 #[derive(Deserialize)]
@@ -123,8 +125,28 @@ impl Reviewed {
 
 /// Answers one AdmissionReview body.
 pub fn review(body: &[u8], config: ConfigState<'_>) -> Result<Reviewed, BadRequest> {
-    let review: ReviewIn<'_> = serde_json::from_slice(body)
+    // Fast path: one pass over the body, `request.object` read straight into
+    // a PodView. Whatever it cannot read (invalid UTF-8, an object that is not
+    // Pod-shaped, malformed JSON) takes the exact path below, which keeps the
+    // object raw and gives the same answer or error as always.
+    if let Ok(text) = std::str::from_utf8(body)
+        && let Ok(review) = serde_json::from_str::<ReviewIn<'_, PodView>>(text)
+    {
+        return answer(review, config, Ok);
+    }
+    let review: ReviewIn<'_, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| BadRequest(format!("body is not an AdmissionReview: {e}")))?;
+    answer(review, config, |object| {
+        serde_json::from_str(object.get())
+            .map_err(|e| BadRequest(format!("request.object is not a Pod: {e}")))
+    })
+}
+
+fn answer<O>(
+    review: ReviewIn<'_, O>,
+    config: ConfigState<'_>,
+    pod_view: impl FnOnce(O) -> Result<PodView, BadRequest>,
+) -> Result<Reviewed, BadRequest> {
     match (review.api_version.as_deref(), review.kind.as_deref()) {
         (Some(API_VERSION), Some(KIND)) => {}
         (v, k) => {
@@ -151,8 +173,7 @@ pub fn review(body: &[u8], config: ConfigState<'_>) -> Result<Reviewed, BadReque
         let Some(object) = request.object else {
             return Err(BadRequest("Pod CREATE request has no object".into()));
         };
-        let pod: PodView = serde_json::from_str(object.get())
-            .map_err(|e| BadRequest(format!("request.object is not a Pod: {e}")))?;
+        let pod = pod_view(object)?;
         if pod_name.is_empty() {
             pod_name = pod.display_name().to_owned();
         }
