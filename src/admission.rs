@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::mutate::{ConfigState, Decision, Outcome, PodView, mutate};
-use crate::patch;
+use crate::patch::{self, PatchOp};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -199,6 +199,11 @@ fn answer<O>(
 
 /// Serializes the `AdmissionReview` response for a decision.
 pub fn response_body(uid: &str, decision: &Decision) -> Vec<u8> {
+    if let Decision::Allow { ops, warnings, .. } = decision
+        && !ops.is_empty()
+    {
+        return patched_body(uid, ops, warnings);
+    }
     let response = match decision {
         Decision::Allow { ops, warnings, .. } => ResponseOut {
             uid,
@@ -231,6 +236,37 @@ pub fn response_body(uid: &str, decision: &Decision) -> Vec<u8> {
     };
     // Only strings, bools and numbers: serialization cannot fail.
     serde_json::to_vec(&out).unwrap_or_default()
+}
+
+/// The same bytes serde would write for an `Allow` with a patch, built by
+/// hand: the base64 patch is most of the body and needs no JSON escaping, so
+/// it is encoded straight into a buffer sized once instead of being copied
+/// through the string serializer.
+fn patched_body(uid: &str, ops: &[PatchOp], warnings: &[String]) -> Vec<u8> {
+    const HEAD: &[u8] =
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#;
+    const PATCH: &[u8] = br#","allowed":true,"patchType":"JSONPatch","patch":""#;
+    let patch = patch::to_json(ops);
+    let encoded = base64::encoded_len(patch.len(), true).unwrap_or(0);
+    let extra: usize = warnings.iter().map(|w| w.len() + 8).sum();
+    let mut out = Vec::with_capacity(HEAD.len() + PATCH.len() + uid.len() + encoded + extra + 32);
+    out.extend_from_slice(HEAD);
+    // Writing strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, uid);
+    out.extend_from_slice(PATCH);
+    let start = out.len();
+    out.resize(start + encoded, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(&patch, &mut out[start..])
+        .unwrap_or(0);
+    out.truncate(start + written);
+    out.push(b'"');
+    if !warnings.is_empty() {
+        out.extend_from_slice(br#","warnings":"#);
+        let _ = serde_json::to_writer(&mut out, warnings);
+    }
+    out.extend_from_slice(b"}}");
+    out
 }
 
 #[cfg(test)]
