@@ -70,11 +70,102 @@ pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
         })
         .sum();
     let mut out = Vec::with_capacity(hint + 2);
-    // Serializing our own enum of strings and Values cannot fail.
-    match serde_json::to_writer(&mut out, ops) {
-        Ok(()) => out,
-        Err(_) => b"[]".to_vec(),
+    // Written by hand, byte for byte what serde_json writes for `ops` (the
+    // tests compare the two): the string escaper below looks at 8 bytes at a
+    // time where serde_json's looks at one, and the patch is mostly the
+    // annotation templates.
+    out.push(b'[');
+    for (i, op) in ops.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let (name, path, value): (&[u8], _, _) = match op {
+            PatchOp::Add { path, value } => (b"add", path, Some(value)),
+            PatchOp::Replace { path, value } => (b"replace", path, Some(value)),
+            PatchOp::Remove { path } => (b"remove", path, None),
+        };
+        out.extend_from_slice(br#"{"op":""#);
+        out.extend_from_slice(name);
+        out.extend_from_slice(br#"","path":"#);
+        write_json_str(&mut out, path);
+        match value {
+            None => {}
+            Some(Value::String(v)) => {
+                out.extend_from_slice(br#","value":"#);
+                write_json_str(&mut out, v);
+            }
+            Some(v) => {
+                out.extend_from_slice(br#","value":"#);
+                // A Value always serializes.
+                let _ = serde_json::to_writer(&mut out, v);
+            }
+        }
+        out.push(b'}');
     }
+    out.push(b']');
+    out
+}
+
+/// Appends `s` as a JSON string literal with serde_json's escapes (`\"`,
+/// `\\`, `\b \f \n \r \t`, other control characters as `\u00xx`).
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES << 7;
+    // High bit set in the first byte of `chunk` that is < 0x20, '"' or '\\'
+    // (bytes after it may be false positives; only the first one is used).
+    fn special(chunk: u64) -> u64 {
+        let quote = chunk ^ (ONES * u64::from(b'"'));
+        let backslash = chunk ^ (ONES * u64::from(b'\\'));
+        let control = chunk.wrapping_sub(ONES * 0x20) & !chunk;
+        let quote = quote.wrapping_sub(ONES) & !quote;
+        let backslash = backslash.wrapping_sub(ONES) & !backslash;
+        (control | quote | backslash) & HIGH
+    }
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0; // first byte not yet copied
+    let mut i = 0;
+    while i < bytes.len() {
+        // Skip 8 plain bytes at a time.
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            let mask = special(word);
+            if mask == 0 {
+                i += 8;
+                continue;
+            }
+            i += (mask.trailing_zeros() / 8) as usize;
+        }
+        let b = bytes[i];
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        i += 1;
+        start = i;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -126,6 +217,45 @@ mod tests {
         );
         // And the json-patch crate (the API server's semantics) accepts it.
         let _: json_patch::Patch = serde_json::from_value(json).unwrap();
+    }
+
+    #[test]
+    fn writes_the_bytes_serde_json_writes() {
+        let mut strings: Vec<String> = (0u8..0x80).map(|b| char::from(b).to_string()).collect();
+        strings.extend(
+            [
+                "",
+                "plain",
+                r#"{{- with secret "a/b" -}}{{ .Data.ca_key }}{{- end -}}"#,
+                "tab\there \"quoted\" back\\slash \u{1} \u{1f} é ü 日本 \u{10ffff}",
+                "0123456789abcdef\"0123456789abcdef\n",
+                "~1/~0",
+            ]
+            .map(String::from),
+        );
+        let mut ops: Vec<PatchOp> = strings
+            .iter()
+            .map(|s| PatchOp::Add {
+                path: format!("/metadata/annotations/{}", escape(s)),
+                value: Value::String(s.clone()),
+            })
+            .collect();
+        ops.push(PatchOp::Replace {
+            path: "/spec/containers/0/env/3".into(),
+            value: serde_json::json!({"name": "ROOT_CA_DIR", "value": "/vault/secrets"}),
+        });
+        ops.push(PatchOp::Remove {
+            path: "/a\"b".into(),
+        });
+        for op in &ops {
+            let one = std::slice::from_ref(op);
+            assert_eq!(
+                String::from_utf8(to_json(one)).unwrap(),
+                serde_json::to_string(one).unwrap()
+            );
+        }
+        assert_eq!(to_json(&ops), serde_json::to_vec(&ops).unwrap());
+        assert_eq!(to_json(&[]), b"[]");
     }
 
     #[test]
