@@ -15,7 +15,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::mutate::{ConfigState, Decision, Outcome, PodView, mutate};
+use crate::mutate::{ConfigState, Decision, MapOnly, Outcome, PodView, mutate};
 use crate::patch::{self, PatchOp};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -130,14 +130,15 @@ pub fn review(body: &[u8], config: ConfigState<'_>) -> Result<Reviewed, BadReque
     // Pod-shaped, malformed JSON) takes the exact path below, which keeps the
     // object raw and gives the same answer or error as always.
     if let Ok(text) = std::str::from_utf8(body)
-        && let Ok(review) = serde_json::from_str::<ReviewIn<'_, PodView>>(text)
+        && let Ok(review) = serde_json::from_str::<ReviewIn<'_, MapOnly<PodView>>>(text)
     {
-        return answer(review, config, Ok);
+        return answer(review, config, |pod| Ok(pod.0));
     }
     let review: ReviewIn<'_, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| BadRequest(format!("body is not an AdmissionReview: {e}")))?;
     answer(review, config, |object| {
-        serde_json::from_str(object.get())
+        serde_json::from_str::<MapOnly<PodView>>(object.get())
+            .map(|pod| pod.0)
             .map_err(|e| BadRequest(format!("request.object is not a Pod: {e}")))
     })
 }

@@ -24,9 +24,9 @@ const MAX_WARNING: usize = 119;
 /// The parts of a Pod the rules read.
 #[derive(Debug, Default, Deserialize)]
 pub struct PodView {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub metadata: Option<Meta>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub spec: Option<Spec>,
 }
 
@@ -47,7 +47,7 @@ pub struct Meta {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct Spec {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects")]
     pub containers: Option<Vec<Container>>,
 }
 
@@ -55,7 +55,7 @@ pub struct Spec {
 pub struct Container {
     #[serde(default)]
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects")]
     pub env: Option<Vec<EnvVar>>,
 }
 
@@ -68,6 +68,42 @@ pub struct EnvVar {
     pub value: Option<String>,
     #[serde(default)]
     pub value_from: Option<IgnoredAny>,
+}
+
+/// A struct that only deserializes from a JSON object. serde's derived
+/// structs also accept an array of their fields in order, and a Pod given as
+/// `[metadata, spec]` (or a container as `[name, env]`) would be answered
+/// with a patch the API server cannot apply; such a body is not a Pod.
+#[derive(Debug, Default)]
+pub struct MapOnly<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for MapOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+            .map(MapOnly)
+    }
+}
+
+fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Ok(Option::<MapOnly<T>>::deserialize(d)?.map(|m| m.0))
+}
+
+fn objects<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    Ok(Option::<Vec<MapOnly<T>>>::deserialize(d)?.map(|v| v.into_iter().map(|m| m.0).collect()))
 }
 
 impl PodView {
