@@ -8,7 +8,7 @@
 
 use std::hint::black_box;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use istio_vault_webhook::admission;
 use istio_vault_webhook::config::{Config, EXAMPLE_CONFIG};
 use istio_vault_webhook::mutate::{ConfigState, Outcome};
@@ -124,16 +124,21 @@ fn profile_loop(spec: &str) {
     };
     let cfg = config();
     let mut total = 0;
+    let mut last = Vec::new();
     for _ in 0..n {
-        total += admission::review(black_box(&body), ConfigState::Loaded(&cfg))
+        last = admission::review(black_box(&body), ConfigState::Loaded(&cfg))
             .unwrap()
-            .body
-            .len();
+            .body;
+        total += last.len();
     }
     println!(
         "{n} reviews of {} bytes, {total} response bytes",
         body.len()
     );
+    // IVW_BENCH_OUT=file keeps the last response, to compare before/after.
+    if let Ok(path) = std::env::var("IVW_BENCH_OUT") {
+        std::fs::write(path, last).unwrap();
+    }
 }
 
 fn main() {
