@@ -14,6 +14,9 @@ use istio_vault_webhook::config::{Config, EXAMPLE_CONFIG};
 use istio_vault_webhook::mutate::{ConfigState, Outcome};
 use serde_json::{Value, json};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ISTIOD: &str = include_str!("fixtures/istiod-review.json");
 const GATEWAY: &str = include_str!("fixtures/gateway-review.json");
 const UNRELATED: &str = include_str!("fixtures/unrelated-review.json");
