@@ -89,7 +89,29 @@ fn fixtures(c: &mut Criterion) {
             b.iter(|| admission::review(black_box(body), ConfigState::Loaded(&cfg)))
         });
     }
+    // The istiod Pod rendered from the Istio charts by the tests' fixtures,
+    // wrapped in the same review envelope, when that file is there.
+    if let Some(body) = chart_istiod_review() {
+        assert_eq!(outcome(&body, &cfg), Outcome::Patched, "istiod-chart");
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function("istiod-chart", |b| {
+            b.iter(|| admission::review(black_box(&body), ConfigState::Loaded(&cfg)))
+        });
+    }
     group.finish();
+}
+
+/// `tests/fixtures/pods/istiod.json` inside the istiod review envelope,
+/// compact as the API server writes it.
+fn chart_istiod_review() -> Option<Vec<u8>> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pods/istiod.json"
+    );
+    let pod: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let mut review: Value = serde_json::from_str(ISTIOD).unwrap();
+    review["request"]["object"] = pod;
+    Some(serde_json::to_vec(&review).unwrap())
 }
 
 fn scaled(c: &mut Criterion) {
@@ -113,7 +135,7 @@ fn scaled(c: &mut Criterion) {
 
 criterion_group!(benches, fixtures, scaled);
 
-/// `IVW_BENCH_LOOP=<istiod|gateway|unrelated|KiB>:<n>` runs `n` reviews and
+/// `IVW_BENCH_LOOP=<istiod|istiod-chart|gateway|unrelated|KiB>:<n>` runs `n` reviews and
 /// exits instead of benchmarking: a steady loop for callgrind or perf, e.g.
 /// `IVW_BENCH_LOOP=istiod:1000 valgrind --tool=callgrind <bench binary>`.
 fn profile_loop(spec: &str) {
@@ -123,6 +145,7 @@ fn profile_loop(spec: &str) {
         "istiod" => ISTIOD.as_bytes().to_vec(),
         "gateway" => GATEWAY.as_bytes().to_vec(),
         "unrelated" => UNRELATED.as_bytes().to_vec(),
+        "istiod-chart" => chart_istiod_review().expect("tests/fixtures/pods/istiod.json"),
         kib => scaled_review(kib.parse::<usize>().expect("IVW_BENCH_LOOP size") * 1024),
     };
     let cfg = config();
