@@ -89,7 +89,9 @@ fn render_document(config: &Config, mut document: Value) -> Result<Rendered, Str
     let Some(template) = document.pointer_mut(pointer) else {
         return Err(format!("{} has no {pointer}", rendered.what));
     };
-    let pod = PodView::deserialize(&*template)
+    // MapOnly: a template given as an array is not a Pod template.
+    let pod = crate::mutate::MapOnly::<PodView>::deserialize(&*template)
+        .map(|m| m.0)
         .map_err(|e| format!("{}: the Pod template is malformed: {e}", rendered.what))?;
     match mutate(&pod, ConfigState::Loaded(config)) {
         Decision::Deny { message, profile } => {
@@ -196,6 +198,12 @@ spec: { ports: [ { port: 443 } ] }
                 .unwrap()
                 .contains("no container \"discovery\"")
         );
+        let err = render(
+            &config(),
+            "kind: Deployment\nspec: { template: [ {}, {} ] }\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("malformed"), "{err}");
         let err = render(&config(), "kind: Deployment\nspec: {}\n").unwrap_err();
         assert!(
             err.contains("document 1") && err.contains("/spec/template"),
