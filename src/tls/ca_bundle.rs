@@ -454,6 +454,15 @@ impl CaBundle {
         result
     }
 
+    /// The configuration does not exist (yet): nothing to trust us with.
+    fn not_found(&self, withdraw: bool) -> Outcome {
+        self.count("not_found");
+        if !withdraw {
+            self.set_status(Status::NotFound);
+        }
+        Outcome::NotFound
+    }
+
     async fn reconcile_locked(
         &self,
         mut seen: Option<DynamicObject>,
@@ -464,13 +473,7 @@ impl CaBundle {
                 Some(obj) => obj,
                 None => match self.api.get_opt(&self.name).await {
                     Ok(Some(obj)) => obj,
-                    Ok(None) => {
-                        self.count("not_found");
-                        if !withdraw {
-                            self.set_status(Status::NotFound);
-                        }
-                        return Ok(Outcome::NotFound);
-                    }
+                    Ok(None) => return Ok(self.not_found(withdraw)),
                     Err(e) => {
                         return Err(anyhow!(
                             "cannot read MutatingWebhookConfiguration {}: {e}",
@@ -547,11 +550,7 @@ impl CaBundle {
                     tokio::time::sleep(pause).await;
                 }
                 Err(kube::Error::Api(status)) if status.is_not_found() => {
-                    self.count("not_found");
-                    if !withdraw {
-                        self.set_status(Status::NotFound);
-                    }
-                    return Ok(Outcome::NotFound);
+                    return Ok(self.not_found(withdraw));
                 }
                 Err(e) => {
                     return Err(anyhow!(
