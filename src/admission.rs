@@ -1,68 +1,148 @@
 //! AdmissionReview bytes → decision → response bytes. Pure: the server only
 //! moves bytes and measures time.
 //!
-//! The review is read with small borrowed types instead of
-//! `kube::core::admission::AdmissionReview<DynamicObject>`: the object is kept
-//! as raw JSON and only a Pod CREATE is parsed further, into the handful of
-//! fields the rules need. The response is written by hand-picked serde types
-//! because kube's `AdmissionResponse` serializes `patch` as an array of
-//! numbers instead of the base64 string the API documents (kube-rs#1781).
-//! `tests/admission_compat.rs` checks both shapes against kube's types.
+//! The review is read with [`crate::json::Reader`] instead of
+//! `kube::core::admission::AdmissionReview<DynamicObject>`: only the
+//! envelope fields and, for a Pod CREATE, the handful of Pod fields the
+//! rules need are kept; the rest is validated and skipped without copying.
+//! The response is written by hand-picked serde types because kube's
+//! `AdmissionResponse` serializes `patch` as an array of numbers instead of
+//! the base64 string the API documents (kube-rs#1781).
 
 use std::borrow::Cow;
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Serialize;
 
-use crate::mutate::{ConfigState, Decision, MapOnly, Outcome, PodView, mutate};
+use crate::json::{self, ErrorKind, Kind, Reader};
+use crate::mutate::{ConfigState, Decision, Outcome, PodView, mutate};
 use crate::patch::{self, PatchOp};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
 
-/// `O` is what `request.object` is read as: a [`PodView`] in the one-pass
-/// fast path, raw JSON in the exact path (see [`review`]).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
-struct ReviewIn<'a, O> {
-    #[serde(borrow)]
-    api_version: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    request: Option<RequestIn<'a, O>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", bound(deserialize = "O: Deserialize<'de>"))]
-struct RequestIn<'a, O> {
-    #[serde(borrow)]
-    uid: Cow<'a, str>,
-    #[serde(borrow)]
-    kind: GroupVersionKind<'a>,
-    #[serde(borrow, default)]
+/// The fields of `request` the webhook uses.
+#[derive(Default)]
+struct Request<'a> {
+    uid: Option<Cow<'a, str>>,
+    kind: Option<GroupVersionKind<'a>>,
     sub_resource: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
     namespace: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
     name: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    operation: Cow<'a, str>,
-    #[serde(default)]
+    operation: Option<Cow<'a, str>>,
     dry_run: Option<bool>,
-    #[serde(default)]
-    object: Option<O>,
+    object: Object<'a>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default)]
 struct GroupVersionKind<'a> {
-    #[serde(borrow, default)]
     group: Cow<'a, str>,
-    #[serde(borrow, default)]
     version: Cow<'a, str>,
-    #[serde(borrow, default)]
     kind: Cow<'a, str>,
+}
+
+/// `request.object`, read as a Pod wherever it comes: the webhook is only
+/// registered for Pods, and reading a Pod costs the same as skipping it.
+/// Whether the request is a Pod CREATE is decided once the whole request has
+/// been read, since JSON does not fix the order of the keys.
+#[derive(Default)]
+enum Object<'a> {
+    #[default]
+    Absent,
+    Pod(PodView<'a>),
+    /// Valid JSON but not Pod-shaped: an error only for a Pod CREATE.
+    NotAPod(json::Error),
+}
+
+impl Request<'_> {
+    fn is_pod_create(&self) -> bool {
+        self.kind
+            .as_ref()
+            .is_some_and(|k| k.group.is_empty() && k.version == "v1" && k.kind == "Pod")
+            && self.sub_resource.as_deref().unwrap_or("").is_empty()
+            && self.operation.as_deref() == Some("CREATE")
+    }
+}
+
+/// The top level of the body: `apiVersion`, `kind` and `request`.
+struct Envelope<'a> {
+    api_version: Option<Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
+    request: Option<Request<'a>>,
+}
+
+fn read_envelope(text: &str) -> json::Result<Envelope<'_>> {
+    let mut r = Reader::new(text);
+    if r.peek()? != Kind::Object {
+        return r.wrong_type("the body", "an object");
+    }
+    let mut envelope = Envelope {
+        api_version: None,
+        kind: None,
+        request: None,
+    };
+    r.object(|r, key| {
+        match &*key {
+            "apiVersion" => envelope.api_version = r.opt_str("apiVersion")?,
+            "kind" => envelope.kind = r.opt_str("kind")?,
+            "request" => envelope.request = read_request(r)?,
+            _ => r.skip()?,
+        }
+        Ok(())
+    })?;
+    r.finish()?;
+    Ok(envelope)
+}
+
+fn read_request<'a>(r: &mut Reader<'a>) -> json::Result<Option<Request<'a>>> {
+    let mut req = Request::default();
+    let found = r.opt_object("request", |r, key| {
+        match &*key {
+            "uid" => req.uid = r.opt_str("request.uid")?,
+            "kind" => req.kind = read_gvk(r)?,
+            "subResource" => req.sub_resource = r.opt_str("request.subResource")?,
+            "namespace" => req.namespace = r.opt_str("request.namespace")?,
+            "name" => req.name = r.opt_str("request.name")?,
+            "operation" => req.operation = r.opt_str("request.operation")?,
+            "dryRun" => req.dry_run = r.opt_bool("request.dryRun")?,
+            "object" => req.object = read_object(r)?,
+            _ => r.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(found.then_some(req))
+}
+
+fn read_gvk<'a>(r: &mut Reader<'a>) -> json::Result<Option<GroupVersionKind<'a>>> {
+    let mut gvk = GroupVersionKind::default();
+    let found = r.opt_object("request.kind", |r, key| {
+        match &*key {
+            "group" => gvk.group = r.opt_str("request.kind.group")?.unwrap_or_default(),
+            "version" => gvk.version = r.opt_str("request.kind.version")?.unwrap_or_default(),
+            "kind" => gvk.kind = r.opt_str("request.kind.kind")?.unwrap_or_default(),
+            _ => r.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(found.then_some(gvk))
+}
+
+fn read_object<'a>(r: &mut Reader<'a>) -> json::Result<Object<'a>> {
+    if r.null()? {
+        return Ok(Object::Absent);
+    }
+    let mark = *r;
+    match PodView::read(r) {
+        Ok(pod) => Ok(Object::Pod(pod)),
+        Err(e) if e.kind == ErrorKind::Shape => {
+            // Go back and skip the whole object, which still checks that it
+            // is JSON; whether its shape matters is known at the end.
+            *r = mark;
+            r.skip()?;
+            Ok(Object::NotAPod(e))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Serialize)]
@@ -125,30 +205,11 @@ impl Reviewed {
 
 /// Answers one AdmissionReview body.
 pub fn review(body: &[u8], config: ConfigState<'_>) -> Result<Reviewed, BadRequest> {
-    // Fast path: one pass over the body, `request.object` read straight into
-    // a PodView. Whatever it cannot read (invalid UTF-8, an object that is not
-    // Pod-shaped, malformed JSON) takes the exact path below, which keeps the
-    // object raw and gives the same answer or error as always.
-    if let Ok(text) = std::str::from_utf8(body)
-        && let Ok(review) = serde_json::from_str::<ReviewIn<'_, MapOnly<PodView>>>(text)
-    {
-        return answer(review, config, |pod| Ok(pod.0));
-    }
-    let review: ReviewIn<'_, &RawValue> = serde_json::from_slice(body)
-        .map_err(|e| BadRequest(format!("body is not an AdmissionReview: {e}")))?;
-    answer(review, config, |object| {
-        serde_json::from_str::<MapOnly<PodView>>(object.get())
-            .map(|pod| pod.0)
-            .map_err(|e| BadRequest(format!("request.object is not a Pod: {e}")))
-    })
-}
-
-fn answer<O>(
-    review: ReviewIn<'_, O>,
-    config: ConfigState<'_>,
-    pod_view: impl FnOnce(O) -> Result<PodView, BadRequest>,
-) -> Result<Reviewed, BadRequest> {
-    match (review.api_version.as_deref(), review.kind.as_deref()) {
+    let not_a_review =
+        |e: &dyn std::fmt::Display| BadRequest(format!("body is not an AdmissionReview: {e}"));
+    let text = std::str::from_utf8(body).map_err(|e| not_a_review(&e))?;
+    let envelope = read_envelope(text).map_err(|e| not_a_review(&e))?;
+    match (envelope.api_version.as_deref(), envelope.kind.as_deref()) {
         (Some(API_VERSION), Some(KIND)) => {}
         (v, k) => {
             return Err(BadRequest(format!(
@@ -159,22 +220,38 @@ fn answer<O>(
             )));
         }
     }
-    let Some(request) = review.request else {
+    let Some(request) = envelope.request else {
         return Err(BadRequest("AdmissionReview has no request".into()));
     };
+    let missing = |field: &str| not_a_review(&format_args!("request.{field} is missing"));
+    if request.kind.is_none() {
+        return Err(missing("kind"));
+    }
+    if request.operation.is_none() {
+        return Err(missing("operation"));
+    }
+    let is_pod_create = request.is_pod_create();
+    let Request {
+        uid,
+        namespace,
+        name,
+        dry_run,
+        object,
+        ..
+    } = request;
+    let Some(uid) = uid else {
+        return Err(missing("uid"));
+    };
 
-    let is_pod_create = request.kind.group.is_empty()
-        && request.kind.version == "v1"
-        && request.kind.kind == "Pod"
-        && request.sub_resource.as_deref().unwrap_or("").is_empty()
-        && request.operation == "CREATE";
-
-    let mut pod_name = request.name.as_deref().unwrap_or("").to_owned();
+    let mut pod_name = name.as_deref().unwrap_or("").to_owned();
     let decision = if is_pod_create {
-        let Some(object) = request.object else {
-            return Err(BadRequest("Pod CREATE request has no object".into()));
+        let pod = match object {
+            Object::Absent => return Err(BadRequest("Pod CREATE request has no object".into())),
+            Object::Pod(pod) => pod,
+            Object::NotAPod(e) => {
+                return Err(BadRequest(format!("request.object is not a Pod: {e}")));
+            }
         };
-        let pod = pod_view(object)?;
         if pod_name.is_empty() {
             pod_name = pod.display_name().to_owned();
         }
@@ -187,13 +264,13 @@ fn answer<O>(
         }
     };
 
-    let body = response_body(&request.uid, &decision);
+    let body = response_body(&uid, &decision);
     Ok(Reviewed {
         body,
-        uid: request.uid.into_owned(),
-        namespace: request.namespace.map(Cow::into_owned).unwrap_or_default(),
+        uid: uid.into_owned(),
+        namespace: namespace.map(Cow::into_owned).unwrap_or_default(),
         pod: pod_name,
-        dry_run: request.dry_run.unwrap_or(false),
+        dry_run: dry_run.unwrap_or(false),
         decision,
     })
 }

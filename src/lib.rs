@@ -2,16 +2,19 @@
 //! Istio gateways read their CA from Vault through the Vault Agent Injector.
 //!
 //! The request path reads top to bottom: `server` receives bytes,
-//! `admission` parses the review, `mutate` decides (using `config` and
-//! `patch`), `admission` writes the response. Everything but `server`,
+//! `admission` reads the review (with `json`, into a `pod::PodView`),
+//! `mutate` decides (using `config` and `patch`), `admission` writes the
+//! response. Everything but `server`,
 //! `source` and `tls` is pure.
 
 pub mod admission;
 pub mod cli;
 pub mod config;
+pub mod json;
 pub mod metrics;
 pub mod mutate;
 pub mod patch;
+pub mod pod;
 pub mod render;
 pub mod server;
 pub mod source;

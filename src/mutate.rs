@@ -1,18 +1,14 @@
 //! The heart of the webhook: (Pod, config) → decision (SPEC §4). Pure.
 //!
-//! The Pod is read through [`PodView`], which deserializes only the fields the
-//! rules look at; everything else in the object is skipped by the parser and
-//! never copied. The decision carries RFC 6902 operations against the Pod's
+//! The Pod is read through [`PodView`] (`pod.rs`), which holds only the
+//! fields the rules look at. The decision carries RFC 6902 operations against the Pod's
 //! own JSON, so the same function serves the webhook and `render`.
 
-use std::collections::BTreeMap;
-
-use serde::Deserialize;
-use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
 
 use crate::config::{Config, Profile, keys};
 use crate::patch::PatchOp;
+pub use crate::pod::{Container, PodView};
 
 /// The env var istiod reads its plugged-in CA directory from
 /// (istio/istio `pilot/pkg/bootstrap/istio_ca.go`, `LocalCertDir`).
@@ -20,128 +16,6 @@ pub const ROOT_CA_DIR: &str = "ROOT_CA_DIR";
 
 /// The API server truncates longer warnings; stay under its limit.
 const MAX_WARNING: usize = 119;
-
-/// The parts of a Pod the rules read.
-#[derive(Debug, Default, Deserialize)]
-pub struct PodView {
-    #[serde(default, deserialize_with = "object")]
-    pub metadata: Option<Meta>,
-    #[serde(default, deserialize_with = "object")]
-    pub spec: Option<Spec>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Meta {
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub generate_name: Option<String>,
-    #[serde(default)]
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    pub annotations: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct Spec {
-    #[serde(default, deserialize_with = "objects")]
-    pub containers: Option<Vec<Container>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct Container {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default, deserialize_with = "objects")]
-    pub env: Option<Vec<EnvVar>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EnvVar {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub value: Option<String>,
-    #[serde(default)]
-    pub value_from: Option<IgnoredAny>,
-}
-
-/// A struct that only deserializes from a JSON object. serde's derived
-/// structs also accept an array of their fields in order, and a Pod given as
-/// `[metadata, spec]` (or a container as `[name, env]`) would be answered
-/// with a patch the API server cannot apply; such a body is not a Pod.
-#[derive(Debug, Default)]
-pub struct MapOnly<T>(pub T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for MapOnly<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
-            type Value = T;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-            }
-        }
-        d.deserialize_map(Visit(std::marker::PhantomData))
-            .map(MapOnly)
-    }
-}
-
-fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<T>, D::Error> {
-    Ok(Option::<MapOnly<T>>::deserialize(d)?.map(|m| m.0))
-}
-
-fn objects<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Vec<T>>, D::Error> {
-    Ok(Option::<Vec<MapOnly<T>>>::deserialize(d)?.map(|v| v.into_iter().map(|m| m.0).collect()))
-}
-
-impl PodView {
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.metadata
-            .as_ref()?
-            .labels
-            .as_ref()?
-            .get(key)
-            .map(String::as_str)
-    }
-
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations()?.get(key).map(String::as_str)
-    }
-
-    fn annotations(&self) -> Option<&BTreeMap<String, String>> {
-        self.metadata.as_ref()?.annotations.as_ref()
-    }
-
-    /// The Pod's name, or its `generateName` (Pods from controllers have no
-    /// name at admission time), for logs.
-    pub fn display_name(&self) -> &str {
-        let Some(m) = &self.metadata else { return "" };
-        m.name
-            .as_deref()
-            .filter(|n| !n.is_empty())
-            .or(m.generate_name.as_deref())
-            .unwrap_or("")
-    }
-
-    fn containers(&self) -> &[Container] {
-        self.spec
-            .as_ref()
-            .and_then(|s| s.containers.as_deref())
-            .unwrap_or(&[])
-    }
-}
 
 /// What the config source currently offers the admission path.
 #[derive(Debug, Clone, Copy)]
@@ -288,11 +162,11 @@ pub fn mutate(pod: &PodView, config: ConfigState<'_>) -> Decision {
             match containers
                 .iter()
                 .enumerate()
-                .find(|(_, c)| &c.name == container)
+                .find(|(_, c)| c.name == container.as_str())
             {
                 Some(found) => Some(found),
                 None => {
-                    let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+                    let names: Vec<&str> = containers.iter().map(|c| c.name.as_ref()).collect();
                     return Decision::Deny {
                         profile: profile_name,
                         message: format!(
@@ -423,12 +297,12 @@ fn env_ops(
             container.name
         ));
     }
-    let exact = current.value.as_deref() == Some(dir) && current.value_from.is_none();
+    let exact = current.value.as_deref() == Some(dir) && !current.value_from;
     if !exact {
-        let was = match (&current.value_from, &current.value) {
-            (Some(_), _) => "valueFrom".to_owned(),
-            (None, Some(v)) => format!("{v:?}"),
-            (None, None) => "\"\"".to_owned(),
+        let was = match (current.value_from, &current.value) {
+            (true, _) => "valueFrom".to_owned(),
+            (false, Some(v)) => format!("{v:?}"),
+            (false, None) => "\"\"".to_owned(),
         };
         warnings.push(truncate(format!(
             "istio-vault-webhook: {ROOT_CA_DIR} in container {} was {was}, set to {dir:?}",

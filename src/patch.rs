@@ -109,18 +109,7 @@ pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
 /// Appends `s` as a JSON string literal with serde_json's escapes (`\"`,
 /// `\\`, `\b \f \n \r \t`, other control characters as `\u00xx`).
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    const ONES: u64 = u64::MAX / 255;
-    const HIGH: u64 = ONES << 7;
-    // High bit set in the first byte of `chunk` that is < 0x20, '"' or '\\'
-    // (bytes after it may be false positives; only the first one is used).
-    fn special(chunk: u64) -> u64 {
-        let quote = chunk ^ (ONES * u64::from(b'"'));
-        let backslash = chunk ^ (ONES * u64::from(b'\\'));
-        let control = chunk.wrapping_sub(ONES * 0x20) & !chunk;
-        let quote = quote.wrapping_sub(ONES) & !quote;
-        let backslash = backslash.wrapping_sub(ONES) & !backslash;
-        (control | quote | backslash) & HIGH
-    }
+    use crate::json::special;
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');

@@ -89,9 +89,9 @@ fn render_document(config: &Config, mut document: Value) -> Result<Rendered, Str
     let Some(template) = document.pointer_mut(pointer) else {
         return Err(format!("{} has no {pointer}", rendered.what));
     };
-    // MapOnly: a template given as an array is not a Pod template.
-    let pod = crate::mutate::MapOnly::<PodView>::deserialize(&*template)
-        .map(|m| m.0)
+    // Read through the same reader as the webhook, so both see a Pod alike.
+    let text = template.to_string();
+    let pod = PodView::parse(&text)
         .map_err(|e| format!("{}: the Pod template is malformed: {e}", rendered.what))?;
     match mutate(&pod, ConfigState::Loaded(config)) {
         Decision::Deny { message, profile } => {

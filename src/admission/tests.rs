@@ -227,3 +227,35 @@ fn response_deserializes_into_kube_types() {
     assert!(resp.allowed);
     assert_eq!(resp.uid, "0df28fbd-5f5f-11e8-bc74-36e6bb280816");
 }
+
+#[test]
+fn key_order_does_not_matter() {
+    // serde_json writes keys sorted, so `object` comes before `operation`;
+    // the API server writes them the other way round.
+    let sorted = review_of("CREATE", pod_kind(), istiod(), false);
+    assert!(
+        String::from_utf8_lossy(&sorted).find("\"object\"")
+            < String::from_utf8_lossy(&sorted).find("\"operation\"")
+    );
+    let (r, _) = answer(&sorted);
+    assert_eq!(r.outcome(), Outcome::Patched);
+    // A later duplicate decides, as in Go: this one is an UPDATE.
+    let text = String::from_utf8(sorted).unwrap();
+    let update = text.replacen(
+        "\"operation\":\"CREATE\"",
+        "\"operation\":\"CREATE\",\"operation\":\"UPDATE\"",
+        1,
+    );
+    assert_eq!(answer(update.as_bytes()).0.outcome(), Outcome::Skipped);
+    // An object that is not Pod-shaped only matters for a Pod CREATE,
+    // whichever comes first.
+    let odd = review_of("CREATE", pod_kind(), json!({"metadata": 7}), false);
+    let e = review(&odd, ConfigState::Loaded(&config())).unwrap_err();
+    assert!(
+        e.0.starts_with("request.object is not a Pod: metadata: expected an object"),
+        "{}",
+        e.0
+    );
+    let odd_update = review_of("UPDATE", pod_kind(), json!({"metadata": 7}), false);
+    assert_eq!(answer(&odd_update).0.outcome(), Outcome::Skipped);
+}

@@ -31,8 +31,14 @@ fn istiod_pod() -> Value {
     })
 }
 
+/// The Pod as the webhook reads it. Leaked: a test's Pods live as long as
+/// the test anyway.
+fn read_pod(pod: &Value) -> PodView<'static> {
+    PodView::parse(String::leak(pod.to_string())).unwrap()
+}
+
 fn decide(pod: &Value, config: &Config) -> Decision {
-    let view = PodView::deserialize(pod).unwrap();
+    let view = read_pod(pod);
     mutate(&view, ConfigState::Loaded(config))
 }
 
@@ -135,7 +141,7 @@ fn pod_without_annotations_gets_one_add_of_the_whole_map() {
 #[test]
 fn pod_without_metadata_gets_metadata_added() {
     let c = example();
-    let view = PodView::deserialize(&json!({"spec": {}})).unwrap();
+    let view = read_pod(&json!({"spec": {}}));
     // No labels: nothing matches; a template without metadata is still handled.
     assert_eq!(
         mutate(&view, ConfigState::Loaded(&c)).outcome(),
@@ -360,7 +366,7 @@ fn istiod_without_its_container_is_denied() {
 
 #[test]
 fn istiod_is_denied_when_no_config_is_loaded() {
-    let view = PodView::deserialize(&istiod_pod()).unwrap();
+    let view = read_pod(&istiod_pod());
     let why = "ConfigMap istio-vault-webhook/istio-vault-webhook not found";
     match mutate(&view, ConfigState::Missing { why }) {
         Decision::Deny { message, .. } => {
@@ -372,7 +378,7 @@ fn istiod_is_denied_when_no_config_is_loaded() {
     // Anything else passes untouched.
     let mut other = istiod_pod();
     other["metadata"]["labels"] = json!({"app": "web"});
-    let view = PodView::deserialize(&other).unwrap();
+    let view = read_pod(&other);
     assert_eq!(
         mutate(&view, ConfigState::Missing { why }).outcome(),
         Outcome::Skipped
@@ -456,10 +462,9 @@ fn outcome_reflects_the_decision() {
 
 #[test]
 fn display_name_prefers_name_then_generate_name() {
-    let v =
-        PodView::deserialize(&json!({"metadata": {"name": "a", "generateName": "b-"}})).unwrap();
+    let v = read_pod(&json!({"metadata": {"name": "a", "generateName": "b-"}}));
     assert_eq!(v.display_name(), "a");
-    let v = PodView::deserialize(&json!({"metadata": {"generateName": "b-"}})).unwrap();
+    let v = read_pod(&json!({"metadata": {"generateName": "b-"}}));
     assert_eq!(v.display_name(), "b-");
     assert_eq!(PodView::default().display_name(), "");
 }
