@@ -24,8 +24,9 @@
 use std::borrow::Cow;
 use std::fmt;
 
-/// Deepest nesting of arrays and objects accepted (serde_json's limit).
-pub const MAX_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted: what serde_json accepts
+/// (it refuses the 128th level).
+pub const MAX_DEPTH: usize = 127;
 
 /// Why a body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -98,6 +98,13 @@ fn agrees_with_serde_json_on_edge_cases() {
 fn nesting_is_bounded() {
     let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
     assert!(accepts(&nested(MAX_DEPTH)).is_ok());
+    for n in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1] {
+        assert_eq!(
+            Some(accepts(&nested(n)).is_ok()),
+            serde_accepts(&nested(n)),
+            "{n}"
+        );
+    }
     let e = accepts(&nested(MAX_DEPTH + 1)).unwrap_err();
     assert!(e.message.contains("too deep"), "{e}");
     // Deep enough to overflow a recursive parser's stack: refused, no crash.
