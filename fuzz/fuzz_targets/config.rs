@@ -19,5 +19,8 @@ fuzz_target!(|data: &[u8]| {
     let yaml = serde_yaml_ng::to_string(&config.raw).expect("raw config serializes");
     let again = Config::parse(&yaml)
         .unwrap_or_else(|e| panic!("re-serialized config does not load: {e}\n{yaml}"));
-    assert_eq!(config.hash, again.hash, "hash changed after a round trip:\n{yaml}");
+    assert_eq!(
+        config.hash, again.hash,
+        "hash changed after a round trip:\n{yaml}"
+    );
 });

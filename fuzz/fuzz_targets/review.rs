@@ -8,10 +8,10 @@
 
 use std::sync::LazyLock;
 
-use istio_vault_webhook::{admission, json};
 use istio_vault_webhook::config::Config;
 use istio_vault_webhook::mutate::{ConfigState, Decision};
 use istio_vault_webhook::render;
+use istio_vault_webhook::{admission, json};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -53,7 +53,10 @@ fuzz_target!(|data: &[u8]| {
     };
     // Every answer is a well-formed AdmissionReview echoing the uid.
     let response: Value = serde_json::from_slice(&first.body).expect("response is JSON");
-    assert_eq!(response["response"]["uid"].as_str(), Some(first.uid.as_str()));
+    assert_eq!(
+        response["response"]["uid"].as_str(),
+        Some(first.uid.as_str())
+    );
 
     let Decision::Allow { ops, .. } = &first.decision else {
         return;
