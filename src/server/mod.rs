@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod https;
+mod logs;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,6 +78,15 @@ impl Running {
 
 /// Starts everything and returns once both listeners are bound.
 pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    start_on(args, shutdown, https::Workers::current()).await
+}
+
+/// [`start`], serving HTTPS connections on `workers`.
+pub async fn start_on(
+    args: ServeArgs,
+    shutdown: CancellationToken,
+    workers: https::Workers,
+) -> anyhow::Result<Running> {
     tls::install_default_provider();
     let metrics = Arc::new(Metrics::new());
     let mut tasks = Vec::new();
@@ -244,6 +254,7 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
                 https_router,
                 https_shutdown,
                 drain,
+                workers,
             )
             .await;
             // Nothing can reach this replica any more: stop asking the API
@@ -324,14 +335,20 @@ async fn kube_client(
 
 /// Entry point of `serve`: logs, runtime, signals.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Dropped last: writes out the log lines still buffered.
+    let _flush = init_tracing(args.log_format);
+    // HTTPS connections are served by one single-threaded runtime per core
+    // (see `https::Workers`); everything else, including the accept loop,
+    // runs on this thread's runtime. Dropped before `_flush`.
+    let (workers, _threads) =
+        https::Workers::spawn(std::thread::available_parallelism().map_or(1, |n| n.get()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let running = start(args, shutdown.clone()).await?;
+        let running = start_on(args, shutdown.clone(), workers).await?;
         let signal = wait_for_signal().await;
         tracing::info!(
             signal,
@@ -360,18 +377,27 @@ async fn wait_for_signal() -> &'static str {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat) -> Option<logs::Flush> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, flush) = match logs::batched() {
+        Ok((w, f)) => (BoxMakeWriter::new(w), Some(f)),
+        Err(e) => {
+            eprintln!("cannot start the log writer thread ({e}); logging unbuffered");
+            (BoxMakeWriter::new(std::io::stderr), None)
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    flush
 }
 
 /// Writes a public file (the CA certificate), creating its directory.
