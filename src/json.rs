@@ -142,8 +142,13 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline(always)]
     fn ws(&mut self) {
-        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.byte() {
+        // Compact JSON (what the API server sends) has none: one test.
+        while let Some(&b) = self.bytes().get(self.pos)
+            && b <= b' '
+            && matches!(b, b' ' | b'\n' | b'\r' | b'\t')
+        {
             self.pos += 1;
         }
     }
@@ -441,6 +446,15 @@ impl<'a> Reader<'a> {
             // A value is expected here.
             self.ws();
             match self.byte() {
+                // `{}` and `[]` are common (managedFields is mostly `"f:x":{}`);
+                // they still count as a level of nesting. (`}` and `]` are two
+                // code points after `{` and `[`.)
+                Some(open @ (b'{' | b'['))
+                    if self.depth < MAX_DEPTH
+                        && self.bytes().get(self.pos + 1) == Some(&(open + 2)) =>
+                {
+                    self.pos += 2;
+                }
                 Some(open @ (b'{' | b'[')) => {
                     if self.depth >= MAX_DEPTH {
                         return Err("nesting too deep");
