@@ -97,6 +97,11 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Threads serving HTTPS connections, each with its own event loop (like
+    /// nginx's workers). Default: the CPUs this process may use, which
+    /// honours a container's CPU limit.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     /// How long SIGTERM waits for in-flight requests before closing anyway.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,

@@ -340,8 +340,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // HTTPS connections are served by one single-threaded runtime per core
     // (see `https::Workers`); everything else, including the accept loop,
     // runs on this thread's runtime. Dropped before `_flush`.
-    let (workers, _threads) =
-        https::Workers::spawn(std::thread::available_parallelism().map_or(1, |n| n.get()))?;
+    let n = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    let (workers, _threads) = https::Workers::spawn(n)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
