@@ -139,11 +139,13 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
 }
 
 /// Where connections are served: the runtime that accepts them, or one of
-/// several single-threaded runtimes (one per core, like nginx's workers).
-/// A connection stays on one thread for its life: no work stealing, no
+/// `--workers` single-threaded runtimes (like nginx's workers). A
+/// connection stays on one thread for its life: no work stealing, no
 /// cross-thread wakeups, no atomics in the scheduler. Against tokio's
 /// multi-threaded runtime this saved 3–5 µs of CPU per admission under
-/// `scripts/bench` (about a tenth of the total).
+/// `scripts/bench` (about a tenth of the total); with the load generator
+/// on the same two cores, one worker beat two (26.8 against 32.5 µs, p99
+/// 0.9 against 1.9 ms), since two workers and h2load share two cores.
 #[derive(Clone, Default)]
 pub struct Workers(Arc<[Worker]>);
 

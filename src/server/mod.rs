@@ -337,14 +337,10 @@ async fn kube_client(
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Dropped last: writes out the log lines still buffered.
     let _flush = init_tracing(args.log_format);
-    // HTTPS connections are served by one single-threaded runtime per core
+    // HTTPS connections are served by `--workers` single-threaded runtimes
     // (see `https::Workers`); everything else, including the accept loop,
     // runs on this thread's runtime. Dropped before `_flush`.
-    let n = args.workers.map_or_else(
-        || std::thread::available_parallelism().map_or(1, |n| n.get()),
-        usize::from,
-    );
-    let (workers, _threads) = https::Workers::spawn(n)?;
+    let (workers, _threads) = https::Workers::spawn(usize::from(args.workers))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
