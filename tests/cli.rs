@@ -22,7 +22,15 @@ fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
         .expect("start binary");
     let mut input = child.stdin.take().unwrap();
     if let Some(bytes) = stdin {
-        input.write_all(bytes).unwrap();
+        // A command that fails early (a bad config) exits without reading
+        // its input; the broken pipe is then expected, not a test failure.
+        if let Err(e) = input.write_all(bytes) {
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe,
+                "writing stdin: {e}"
+            );
+        }
     }
     drop(input);
     child.wait_with_output().unwrap()
@@ -197,4 +205,15 @@ fn render_rejects_a_bad_config_or_input() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("stdin"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn serve_refuses_zero_workers_before_starting() {
+    let out = run(&["serve", "--workers", "0"], None);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--workers"),
+        "{}",
+        text(&out.stderr)
+    );
 }

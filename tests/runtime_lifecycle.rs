@@ -137,6 +137,8 @@ async fn sigterm_finishes_in_flight_requests_closes_idle_connections_and_exits()
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, CONFIG_C1).unwrap();
     let ca_out = dir.path().join("ca.pem");
+    // Two workers: the idle and the busy connection below land on different
+    // ones (least connections first), so the drain spans both runtimes.
     let mut server = Server::spawn(
         &[
             "--config",
@@ -144,6 +146,8 @@ async fn sigterm_finishes_in_flight_requests_closes_idle_connections_and_exits()
             "--tls-self-signed",
             "--ca-out",
             ca_out.to_str().unwrap(),
+            "--workers",
+            "2",
         ],
         &[],
     );
