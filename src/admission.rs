@@ -65,6 +65,7 @@ impl Request<'_> {
 }
 
 /// The top level of the body: `apiVersion`, `kind` and `request`.
+#[derive(Default)]
 struct Envelope<'a> {
     api_version: Option<Cow<'a, str>>,
     kind: Option<Cow<'a, str>>,
@@ -76,11 +77,7 @@ fn read_envelope(text: &str) -> json::Result<Envelope<'_>> {
     if r.peek()? != Kind::Object {
         return r.wrong_type("the body", "an object");
     }
-    let mut envelope = Envelope {
-        api_version: None,
-        kind: None,
-        request: None,
-    };
+    let mut envelope = Envelope::default();
     r.object(|r, key| {
         match &*key {
             "apiVersion" => envelope.api_version = r.opt_str("apiVersion")?,

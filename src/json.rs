@@ -103,24 +103,12 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub fn offset(&self) -> usize {
-        self.pos
-    }
-
     fn bytes(&self) -> &'a [u8] {
         self.text.as_bytes()
     }
 
     fn byte(&self) -> Option<u8> {
         self.bytes().get(self.pos).copied()
-    }
-
-    fn error<T>(&self, kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Result<T> {
-        Err(Error {
-            kind,
-            offset: self.pos,
-            message: message.into(),
-        })
     }
 
     fn syntax<T>(&self, message: &'static str) -> Result<T> {
@@ -424,9 +412,10 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn enter(&mut self) -> Result<()> {
+    /// One level deeper into arrays and objects, up to [`MAX_DEPTH`].
+    fn enter(&mut self) -> Step {
         if self.depth >= MAX_DEPTH {
-            return self.error(ErrorKind::Syntax, "nesting too deep");
+            return Err("nesting too deep");
         }
         self.depth += 1;
         Ok(())
@@ -456,10 +445,7 @@ impl<'a> Reader<'a> {
                     self.pos += 2;
                 }
                 Some(open @ (b'{' | b'[')) => {
-                    if self.depth >= MAX_DEPTH {
-                        return Err("nesting too deep");
-                    }
-                    self.depth += 1;
+                    self.enter()?;
                     self.pos += 1;
                     let is_object = open == b'{';
                     objects = objects << 1 | u128::from(is_object);
@@ -512,7 +498,7 @@ impl<'a> Reader<'a> {
         mut field: impl FnMut(&mut Self, Cow<'a, str>) -> Result<()>,
     ) -> Result<()> {
         self.expect(b'{', "expected an object")?;
-        self.enter()?;
+        self.enter().map_err(|m| self.fail(m))?;
         self.ws();
         if self.byte() == Some(b'}') {
             self.pos += 1;
@@ -520,7 +506,6 @@ impl<'a> Reader<'a> {
             return Ok(());
         }
         loop {
-            self.ws();
             let key = self.str()?;
             self.expect(b':', "expected ':' after an object key")?;
             field(self, key)?;
@@ -541,7 +526,7 @@ impl<'a> Reader<'a> {
     /// exactly one value.
     pub fn array(&mut self, mut item: impl FnMut(&mut Self) -> Result<()>) -> Result<()> {
         self.expect(b'[', "expected an array")?;
-        self.enter()?;
+        self.enter().map_err(|m| self.fail(m))?;
         self.ws();
         if self.byte() == Some(b']') {
             self.pos += 1;
@@ -595,10 +580,7 @@ impl<'a> Reader<'a> {
     pub fn finish(&mut self) -> Result<()> {
         self.ws();
         if self.pos != self.bytes().len() {
-            return self.error(
-                ErrorKind::Syntax,
-                "trailing characters after the JSON value",
-            );
+            return self.syntax("trailing characters after the JSON value");
         }
         Ok(())
     }

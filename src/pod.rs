@@ -150,55 +150,55 @@ fn read_pairs<'a>(r: &mut Reader<'a>, field: &str) -> json::Result<Option<Pairs<
 }
 
 fn read_containers<'a>(r: &mut Reader<'a>) -> json::Result<Option<Vec<Container<'a>>>> {
-    let mut containers = Vec::new();
-    let found = r.opt_array("spec.containers", |r| {
-        if r.peek()? != Kind::Object {
-            return r.wrong_type("spec.containers[]", "an object");
+    read_objects(r, "spec.containers", |r, c: &mut Container<'a>, key| {
+        match &*key {
+            "name" => c.name = r.opt_str("spec.containers[].name")?.unwrap_or_default(),
+            "env" => c.env = read_env(r)?,
+            _ => r.skip()?,
         }
-        let mut c = Container::default();
-        r.object(|r, key| {
-            match &*key {
-                "name" => c.name = r.opt_str("spec.containers[].name")?.unwrap_or_default(),
-                "env" => c.env = read_env(r)?,
-                _ => r.skip()?,
-            }
-            Ok(())
-        })?;
-        containers.push(c);
         Ok(())
-    })?;
-    Ok(found.then_some(containers))
+    })
 }
 
 fn read_env<'a>(r: &mut Reader<'a>) -> json::Result<Option<Vec<EnvVar<'a>>>> {
-    let mut env = Vec::new();
-    let found = r.opt_array("spec.containers[].env", |r| {
-        if r.peek()? != Kind::Object {
-            return r.wrong_type("spec.containers[].env[]", "an object");
-        }
-        let mut e = EnvVar::default();
-        r.object(|r, key| {
-            match &*key {
-                "name" => {
-                    e.name = r
-                        .opt_str("spec.containers[].env[].name")?
-                        .unwrap_or_default()
-                }
-                "value" => e.value = r.opt_str("spec.containers[].env[].value")?,
-                "valueFrom" => {
-                    e.value_from = !r.null()?;
-                    if e.value_from {
-                        r.skip()?;
-                    }
-                }
-                _ => r.skip()?,
+    read_objects(r, "spec.containers[].env", |r, e: &mut EnvVar<'a>, key| {
+        match &*key {
+            "name" => {
+                e.name = r
+                    .opt_str("spec.containers[].env[].name")?
+                    .unwrap_or_default()
             }
-            Ok(())
-        })?;
-        env.push(e);
+            "value" => e.value = r.opt_str("spec.containers[].env[].value")?,
+            "valueFrom" => {
+                e.value_from = !r.null()?;
+                if e.value_from {
+                    r.skip()?;
+                }
+            }
+            _ => r.skip()?,
+        }
+        Ok(())
+    })
+}
+
+/// An array of objects at `field` (or null), each read into a
+/// `T::default()` by `fields`, called once per key.
+fn read_objects<'a, T: Default>(
+    r: &mut Reader<'a>,
+    field: &str,
+    mut fields: impl FnMut(&mut Reader<'a>, &mut T, Cow<'a, str>) -> json::Result<()>,
+) -> json::Result<Option<Vec<T>>> {
+    let mut items = Vec::new();
+    let found = r.opt_array(field, |r| {
+        if r.peek()? != Kind::Object {
+            return r.wrong_type(&format!("{field}[]"), "an object");
+        }
+        let mut item = T::default();
+        r.object(|r, key| fields(r, &mut item, key))?;
+        items.push(item);
         Ok(())
     })?;
-    Ok(found.then_some(env))
+    Ok(found.then_some(items))
 }
 
 #[cfg(test)]

@@ -23,9 +23,9 @@ struct Shared {
     /// Where lines are appended.
     buf: Mutex<Vec<u8>>,
     /// The buffer being written out. Swapped with `buf` rather than
-    /// replaced, so both keep their capacity: no allocation per flush, and
-    /// no memory freed on a thread other than the one that allocated it
-    /// (which cost mimalloc several MiB of RSS).
+    /// replaced, so both keep their capacity: once warm, a flush allocates
+    /// and frees nothing. (Taking the buffer and freeing it on the writer
+    /// thread left mimalloc holding several MiB of cross-thread frees.)
     out: Mutex<Vec<u8>>,
     /// Signalled when the buffer stops being empty.
     pending: Condvar,
