@@ -28,11 +28,11 @@ mod support {
     pub mod mesh_ca;
     pub mod peers;
     pub mod pod;
+    pub mod webhook;
 }
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -41,10 +41,11 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use support::bao::{BaoDev, diff_bytes, free_port, run_with_timeout};
-use support::kube::{ControlPlane, Process, kustomize, wait_for_port, yaml_documents};
+use support::kube::{ControlPlane, Process, addr, wait_for_port, yaml_documents};
 use support::mesh_ca::{Intermediate, Root};
 use support::peers::{istio_source, peer};
 use support::pod::{PodFiles, Sandbox, str_at};
+use support::webhook::{shipped_manifests, start_webhook};
 
 const WEBHOOK: &str = env!("CARGO_BIN_EXE_istio-vault-webhook");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -69,9 +70,10 @@ fn istiod_takes_its_ca_from_vault_through_the_real_control_plane() {
     let webhook_port = free_port();
     let objects = shipped_manifests(&cp, webhook_port);
     cp.apply(&objects);
+    assert_guard_type_checks(&cp);
 
     // 3. Our webhook, as its own ServiceAccount.
-    let mut webhook = start_webhook(&cp, webhook_port);
+    let mut webhook = start_webhook(&cp, webhook_port, WEBHOOK);
 
     // 5. (before 4: the injector's config names the Vault address) OpenBao, set up by the
     // shipped script.
@@ -126,25 +128,22 @@ fn nix_is_root() -> bool {
 // 2. Manifests
 // ---------------------------------------------------------------------------
 
-/// `kubectl kustomize manifests/overlays/cluster1`, with the one change the lack of kube-proxy
-/// forces: our webhook is called at `https://127.0.0.1:<port>/mutate`.
-fn shipped_manifests(cp: &ControlPlane, webhook_port: u16) -> Vec<Value> {
-    let mut objects = kustomize(&repo("manifests/overlays/cluster1"), &cp.dir);
-    let mut rewritten = 0;
-    for object in &mut objects {
-        if object["kind"] == "MutatingWebhookConfiguration" {
-            for hook in object["webhooks"].as_array_mut().into_iter().flatten() {
-                let service = &hook["clientConfig"]["service"];
-                assert_eq!(service["name"], "istio-vault-webhook", "{hook}");
-                let path = service["path"].as_str().unwrap_or("/").to_string();
-                hook["clientConfig"] =
-                    json!({"url": format!("https://127.0.0.1:{webhook_port}{path}")});
-                rewritten += 1;
-            }
+/// The API server type-checks a ValidatingAdmissionPolicy's CEL after accepting it and reports
+/// problems in `status.typeChecking`, not as an apply warning: wait for it and require none.
+fn assert_guard_type_checks(cp: &ControlPlane) {
+    let name = "istio-vault-webhook-istiod-requires-vault";
+    let deadline = Instant::now() + READY;
+    loop {
+        let vap = cp.get_json(&["validatingadmissionpolicy", name]);
+        if let Some(checked) = vap["status"].get("typeChecking") {
+            let warnings = checked["expressionWarnings"].as_array().cloned().unwrap_or_default();
+            assert!(warnings.is_empty(), "the guard's CEL does not type-check: {warnings:#?}");
+            assert_eq!(vap["status"]["observedGeneration"], vap["metadata"]["generation"]);
+            return;
         }
+        assert!(Instant::now() < deadline, "{name} was never type-checked: {vap}");
+        std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(rewritten, 1, "the overlay has one webhook to rewrite");
-    objects
 }
 
 /// Istio's CRDs, as its `base` chart installs them (from the module istiod was built from).
@@ -180,50 +179,6 @@ fn create_service_account(cp: &ControlPlane, namespace: &str, name: &str, auth_d
         }));
     }
     cp.apply(&objects);
-}
-
-// ---------------------------------------------------------------------------
-// 3. The webhook
-// ---------------------------------------------------------------------------
-
-fn start_webhook(cp: &ControlPlane, port: u16) -> Process {
-    // The manifests' own ServiceAccount: its RBAC is all the webhook gets.
-    let kubeconfig = cp.service_account_kubeconfig("istio-vault-webhook", "istio-vault-webhook");
-    let admin_port = free_port();
-    let mut cmd = Command::new(WEBHOOK);
-    cmd.args([
-        "serve",
-        "--config-map",
-        "istio-vault-webhook/istio-vault-webhook",
-        "--tls-self-signed",
-        "--webhook-config",
-        "istio-vault-webhook",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin-listen",
-        &format!("127.0.0.1:{admin_port}"),
-    ])
-    .env("KUBECONFIG", &kubeconfig)
-    .env("RUST_LOG", "info")
-    .env_remove("KUBERNETES_SERVICE_HOST");
-    let mut webhook = Process::spawn("istio-vault-webhook", cmd, &cp.dir);
-    wait_for_port(addr(port), &mut webhook, READY);
-    // Ready = config loaded and caBundle published; wait for the API server's view of it.
-    let deadline = Instant::now() + READY;
-    loop {
-        let mwc = cp.get_json(&["mutatingwebhookconfiguration", "istio-vault-webhook"]);
-        if mwc["webhooks"][0]["clientConfig"]["caBundle"].as_str().is_some_and(|b| !b.is_empty()) {
-            break;
-        }
-        webhook.assert_running();
-        assert!(Instant::now() < deadline, "no caBundle written:\n{}", webhook.tail());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    webhook
-}
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 // ---------------------------------------------------------------------------
@@ -680,6 +635,14 @@ fn refusals(cp: &ControlPlane, webhook: &mut Process, injector: &mut Injector) {
     let istiod = named_pod("tests/fixtures/pods/istiod.json", "istiod-refusal-probe", "istio-system");
     let guard = "istiod Pod was not injected by the Vault Agent Injector";
 
+    // A later mutating webhook strips ROOT_CA_DIR: the guard refuses, naming the variable.
+    let mut stripper = start_root_ca_dir_stripper(cp);
+    let why = refused_eventually(cp, &istiod, "does not end with ROOT_CA_DIR=/vault/secrets");
+    assert!(why.contains("ValidatingAdmissionPolicy"), "{why}");
+    cp.kubectl(&["delete", "mutatingwebhookconfiguration", "zz-strip-root-ca-dir"]);
+    stripper.stop();
+    admitted_eventually(cp, &istiod);
+
     // The ConfigMap deleted: the webhook itself refuses, fail closed.
     cp.kubectl(&["delete", "configmap", "istio-vault-webhook", "-n", "istio-vault-webhook"]);
     let why = refused_eventually(cp, &istiod, "no valid config is loaded");
@@ -706,6 +669,43 @@ fn refusals(cp: &ControlPlane, webhook: &mut Process, injector: &mut Injector) {
     // the guard refuses it.
     cp.kubectl(&["delete", "mutatingwebhookconfiguration", "istio-vault-webhook"]);
     refused_eventually(cp, &istiod, guard);
+}
+
+/// tests/fixtures/webhooks/strip_root_ca_dir.py, registered to run after every other webhook
+/// (configurations are called in name order).
+fn start_root_ca_dir_stripper(cp: &ControlPlane) -> Process {
+    let dir = cp.dir.join("stripper");
+    fs::create_dir_all(&dir).unwrap();
+    let serving = cp.ca.serving(&["127.0.0.1"]);
+    fs::write(dir.join("tls.crt"), &serving.cert_pem).unwrap();
+    fs::write(dir.join("tls.key"), &serving.key_pem).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo("tests/fixtures/webhooks/strip_root_ca_dir.py"))
+        .arg(port.to_string())
+        .arg(dir.join("tls.crt"))
+        .arg(dir.join("tls.key"));
+    let mut process = Process::spawn("strip-root-ca-dir", cmd, &cp.dir);
+    process.wait_for_log("listening on", READY);
+    cp.apply(&[json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "zz-strip-root-ca-dir"},
+        "webhooks": [{
+            "name": "strip.example.com",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "clientConfig": {
+                "url": format!("https://127.0.0.1:{port}/mutate"),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(&cp.ca.cert_pem),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"]}],
+            "objectSelector": {"matchLabels": {"app": "istiod"}},
+        }],
+    })]);
+    process
 }
 
 /// Retries a dry-run create until it is refused with `needle` in the error (informers and

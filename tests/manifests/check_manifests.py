@@ -559,10 +559,11 @@ def guard_policy_fields(ctx):
         assert binding["spec"]["validationActions"] == ["Deny"]
         assert "matchResources" not in binding["spec"], "the binding must not widen or narrow the policy"
         assert "paramKind" not in spec and "paramRef" not in binding["spec"]
-        # keep to standard CEL + has()/in/size(): no Kubernetes-only library functions
+        # keep to standard CEL + has()/in/size() and the standard macros: no Kubernetes-only
+        # library functions, so both CEL implementations here evaluate the same language
         for v in spec["validations"]:
             used = set(re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\(", v["expression"]))
-            assert used <= {"has", "size", "exists", "all"}, used
+            assert used <= {"has", "size", "exists", "all", "filter"}, used
             assert "\n" not in v["message"]
 
 
@@ -593,6 +594,22 @@ def guard_policy_admits_and_refuses_the_right_pods(ctx):
     no_annotations["metadata"].pop("annotations")
     no_status_msg = "not injected by the Vault Agent Injector"
     not_first_msg = "first init container is not vault-agent-init"
+    root_ca_dir_msg = "does not end with ROOT_CA_DIR=/vault/secrets"
+
+    def discovery_env(pod, edit):
+        pod = copy.deepcopy(pod)
+        for c in pod["spec"]["containers"]:
+            if c["name"] == "discovery":
+                c["env"] = edit(c.get("env", []))
+        return pod
+    no_root_ca_dir = discovery_env(injected, lambda env: [e for e in env if e["name"] != "ROOT_CA_DIR"])
+    other_root_ca_dir = discovery_env(injected, lambda env: env + [{"name": "ROOT_CA_DIR", "value": "/etc/cacerts"}])
+    value_from_root_ca_dir = discovery_env(injected, lambda env: env + [
+        {"name": "ROOT_CA_DIR", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}])
+    earlier_root_ca_dir = discovery_env(injected, lambda env: [{"name": "ROOT_CA_DIR", "value": "/etc/cacerts"}] + env)
+    no_env = discovery_env(injected, lambda env: None)
+    for c in no_env["spec"]["containers"]:
+        c.pop("env", None) if c["name"] == "discovery" else None
     expected = [
         ("istiod after our webhook and the Vault injector", injected, OPTED_IN, "CREATE", None),
         ("same, with another init container after vault-agent-init",
@@ -609,6 +626,13 @@ def guard_policy_admits_and_refuses_the_right_pods(ctx):
          pods.with_init_container(injected, "late-init", first=True), OPTED_IN, "CREATE", not_first_msg),
         ("istiod with the status annotation but no init containers", status_only, OPTED_IN, "CREATE", not_first_msg),
         ("istiod with status but no vault-agent-init", no_init, OPTED_IN, "CREATE", not_first_msg),
+        ("injected istiod, a later webhook removed ROOT_CA_DIR", no_root_ca_dir, OPTED_IN, "CREATE", root_ca_dir_msg),
+        ("injected istiod, a later webhook appended another ROOT_CA_DIR", other_root_ca_dir, OPTED_IN, "CREATE",
+         root_ca_dir_msg),
+        ("injected istiod, last ROOT_CA_DIR from valueFrom", value_from_root_ca_dir, OPTED_IN, "CREATE",
+         root_ca_dir_msg),
+        ("injected istiod, an earlier ROOT_CA_DIR is overridden by ours", earlier_root_ca_dir, OPTED_IN, "CREATE", None),
+        ("injected istiod, discovery without env", no_env, OPTED_IN, "CREATE", root_ca_dir_msg),
         ("non-istiod Pod", pods.app_pod(), OPTED_IN, "CREATE", None),
         ("gateway Pod without injection", pods.gateway(), OPTED_IN, "CREATE", None),
         ("Pod without labels or annotations", pods.bare_pod(), OPTED_IN, "CREATE", None),

@@ -98,6 +98,10 @@ impl Process {
     }
 }
 
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 /// Waits until something accepts TCP connections on `addr`.
 pub fn wait_for_port(addr: SocketAddr, process: &mut Process, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -199,7 +203,18 @@ pub struct ControlPlane {
     pub apiserver: Process,
     /// Dropped after the API server (fields drop in order).
     _etcd: Process,
-    _tmp: tempfile::TempDir,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Drop for ControlPlane {
+    /// A failed test keeps its directory (every process log is there) and says where.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(tmp) = self.tmp.take() {
+                eprintln!("kept the control plane's directory for inspection: {}", tmp.keep().display());
+            }
+        }
+    }
 }
 
 impl ControlPlane {
@@ -292,7 +307,7 @@ impl ControlPlane {
             admin_kubeconfig,
             apiserver,
             _etcd: etcd,
-            _tmp: tmp,
+            tmp: Some(tmp),
         };
         // Ready means every post-start hook ran: RBAC bootstrap roles exist, the default
         // namespace and the kubernetes Service are there.
