@@ -511,12 +511,13 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
     }
 
     let mut names: Vec<(String, &str)> = Vec::new(); // (field, profile name)
-    let mut selectors: Vec<(String, &BTreeMap<String, String>)> = Vec::new();
+    // (field, profile name, selector)
+    let mut selectors: Vec<(String, &str, &BTreeMap<String, String>)> = Vec::new();
 
     if let Some(i) = &raw.profiles.istiod {
         let f = "profiles.istiod";
         names.push((f.into(), "istiod"));
-        selectors.push((f.into(), &i.selector));
+        selectors.push((f.into(), "istiod", &i.selector));
         check_profile_common(f, &i.role, &i.secret_path, &i.selector, &i.files, &mut bad);
         if i.container.trim().is_empty() {
             bad(format!("{f}.container"), "must not be empty".into());
@@ -552,7 +553,7 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
             );
         }
         names.push((format!("{f}.name"), &g.name));
-        selectors.push((f.clone(), &g.selector));
+        selectors.push((f.clone(), &g.name, &g.selector));
         check_profile_common(&f, &g.role, &g.secret_path, &g.selector, &g.files, &mut bad);
         if g.files.is_empty() {
             bad(format!("{f}.files"), "must name at least one file".into());
@@ -567,12 +568,18 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
             );
         }
     }
-    for (i, (field, sel)) in selectors.iter().enumerate() {
-        if let Some((first, _)) = selectors[..i].iter().find(|(_, s)| s == sel) {
+    // Both profiles by name as well as by index: in a long gateway list an
+    // index alone sends the reader counting.
+    for (i, (field, name, sel)) in selectors.iter().enumerate() {
+        if let Some((first, first_name, _)) = selectors[..i].iter().find(|(_, _, s)| s == sel) {
+            let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             bad(
                 format!("{field}.match"),
                 format!(
-                    "same selector as {first}.match; one of the two profiles could never apply"
+                    "profile {name:?} has the same selector {{{}}} as profile {first_name:?} \
+                     ({first}.match); one of the two could never apply, so give them \
+                     different labels",
+                    labels.join(", ")
                 ),
             );
         }

@@ -376,7 +376,10 @@ fn rejects_repeated_selectors_and_names() {
         "cluster: c\nvault: { authPath: auth/k }\nprofiles:\n  istiod: { secretPath: m/p }\n  gateways:\n    - { name: gw, match: { app: istiod }, role: r, secretPath: m/q, files: { a: k } }\n",
     );
     assert!(
-        e.contains("profiles.gateways[0].match: same selector as profiles.istiod.match"),
+        e.contains(
+            "profiles.gateways[0].match: profile \"gw\" has the same selector {app: istiod} \
+             as profile \"istiod\" (profiles.istiod.match)"
+        ),
         "{e}"
     );
     let e = err(
@@ -391,6 +394,19 @@ fn rejects_repeated_selectors_and_names() {
     )
     .replace("profiles:\n", "profiles:\n  istiod: { secretPath: m/p }\n"));
     assert!(e.contains("already used by"), "{e}");
+}
+
+#[test]
+fn a_repeated_selector_names_both_gateways() {
+    let e = err(
+        "cluster: c\nvault: { authPath: auth/k }\nprofiles:\n  gateways:\n    - { name: ingressgateway, match: { istio: ingressgateway }, role: r, secretPath: m/q, files: { a: k } }\n    - { name: egressgateway, match: { istio: egressgateway }, role: r, secretPath: m/q, files: { a: k } }\n    - { name: egress, match: { istio: ingressgateway }, role: r, secretPath: m/q, files: { a: k } }\n",
+    );
+    assert_eq!(
+        e,
+        "profiles.gateways[2].match: profile \"egress\" has the same selector \
+         {istio: ingressgateway} as profile \"ingressgateway\" (profiles.gateways[0].match); \
+         one of the two could never apply, so give them different labels"
+    );
 }
 
 #[test]
