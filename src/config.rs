@@ -32,6 +32,20 @@ pub mod keys {
     pub const NAMESPACE: &str = "vault.hashicorp.com/namespace";
     pub const CA_CERT: &str = "vault.hashicorp.com/ca-cert";
     pub const TLS_SECRET: &str = "vault.hashicorp.com/tls-secret";
+    /// `error-on-missing-key-<file>: "true"`: vault-k8s sets the agent's
+    /// `error_on_missing_key` on that file's template (default false), so a
+    /// key missing from the secret fails the agent instead of rendering
+    /// `<no value>` into a CA file (hashicorp/vault-k8s
+    /// agent-inject/agent/annotations.go, `AnnotationErrorOnMissingKey`).
+    pub const ERROR_ON_MISSING_KEY_PREFIX: &str = "vault.hashicorp.com/error-on-missing-key-";
+    /// Copied by vault-k8s, unparsed, into the agent's
+    /// `template_config.static_secret_render_interval`: how often the
+    /// sidecar re-reads a secret without a lease (KV v2; the agent's default
+    /// is 5 minutes). A KV v1 read carries a lease duration, which the agent
+    /// follows instead (hashicorp/consul-template
+    /// dependency/vault_common.go, `leaseCheckWait`).
+    pub const STATIC_SECRET_RENDER_INTERVAL: &str =
+        "vault.hashicorp.com/template-static-secret-render-interval";
     pub const INJECT_STATUS: &str = "vault.hashicorp.com/agent-inject-status";
     pub const PROFILE: &str = "istio-vault-webhook/profile";
     pub const CONFIG_HASH: &str = "istio-vault-webhook/config-hash";
@@ -48,8 +62,27 @@ const ISTIO_LAYOUT: [&str; 4] = [
 ];
 const TLS_LAYOUT: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 
-/// `agent-inject-template-` is 22 characters; annotation names are ≤ 63.
-const MAX_FILE_NAME: usize = 63 - "agent-inject-template-".len();
+/// Annotation names are at most 63 characters after the `/`, so a file name
+/// gets what the longest per-file prefix leaves: `agent-inject-template-`
+/// (22; `error-on-missing-key-` is 21, `agent-inject-secret-` 20) leaves 41.
+const MAX_FILE_NAME: usize = 63 + keys::VAULT.len()
+    - longest(&[
+        keys::SECRET_PREFIX,
+        keys::TEMPLATE_PREFIX,
+        keys::ERROR_ON_MISSING_KEY_PREFIX,
+    ]);
+
+const fn longest(prefixes: &[&str]) -> usize {
+    let mut max = 0;
+    let mut i = 0;
+    while i < prefixes.len() {
+        if prefixes[i].len() > max {
+            max = prefixes[i].len();
+        }
+        i += 1;
+    }
+    max
+}
 
 // ---------------------------------------------------------------------------
 // Raw schema
@@ -112,6 +145,14 @@ pub struct RawIstiod {
     pub container: String,
     #[serde(default = "default_rotation")]
     pub rotation: Rotation,
+    /// How often the sidecar agent re-reads the secret, as written (a Go
+    /// duration such as `30s`); `rotation: sidecar` only.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "duration_text"
+    )]
+    pub render_interval: Option<String>,
     #[serde(default = "default_istiod_files")]
     pub files: BTreeMap<String, String>,
 }
@@ -126,7 +167,29 @@ pub struct RawGateway {
     pub secret_path: String,
     #[serde(default = "default_rotation")]
     pub rotation: Rotation,
+    /// As for istiod.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "duration_text"
+    )]
+    pub render_interval: Option<String>,
     pub files: BTreeMap<String, String>,
+}
+
+/// `renderInterval` as written. A YAML number (`renderInterval: 30`) is kept
+/// as its text so that validation names the field and says a unit is
+/// missing, rather than serde's "expected a string".
+fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match serde_yaml_ng::Value::deserialize(d)? {
+        serde_yaml_ng::Value::Null => Ok(None),
+        serde_yaml_ng::Value::String(s) => Ok(Some(s)),
+        serde_yaml_ng::Value::Number(n) => Ok(Some(n.to_string())),
+        _ => Err(D::Error::custom(
+            "renderInterval must be a duration such as 30s, 5m or 1h30m",
+        )),
+    }
 }
 
 fn default_secret_volume_path() -> String {
@@ -299,6 +362,7 @@ impl Config {
                     role: &istiod.role,
                     secret_path: &istiod.secret_path,
                     rotation: istiod.rotation,
+                    render_interval: istiod.render_interval.as_deref(),
                     files: &istiod.files,
                     container: Some(&istiod.container),
                 },
@@ -314,6 +378,7 @@ impl Config {
                     role: &g.role,
                     secret_path: &g.secret_path,
                     rotation: g.rotation,
+                    render_interval: g.render_interval.as_deref(),
                     files: &g.files,
                     container: None,
                 },
@@ -388,6 +453,7 @@ struct ProfileSpec<'a> {
     role: &'a str,
     secret_path: &'a str,
     rotation: Rotation,
+    render_interval: Option<&'a str>,
     files: &'a BTreeMap<String, String>,
     container: Option<&'a str>,
 }
@@ -407,6 +473,10 @@ fn compile_profile(raw: &RawConfig, hash: &str, p: ProfileSpec<'_>) -> Profile {
         set(
             &format!("{}{file}", keys::TEMPLATE_PREFIX),
             &template(raw.vault.kv_version, p.secret_path, key),
+        );
+        set(
+            &format!("{}{file}", keys::ERROR_ON_MISSING_KEY_PREFIX),
+            "true",
         );
     }
     for (key, value, present) in [
@@ -439,6 +509,11 @@ fn compile_profile(raw: &RawConfig, hash: &str, p: ProfileSpec<'_>) -> Profile {
             keys::TLS_SECRET,
             raw.vault.tls_secret.as_str(),
             !raw.vault.tls_secret.is_empty(),
+        ),
+        (
+            keys::STATIC_SECRET_RENDER_INTERVAL,
+            p.render_interval.unwrap_or_default(),
+            p.render_interval.is_some(),
         ),
     ] {
         if present {
@@ -511,13 +586,15 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
     }
 
     let mut names: Vec<(String, &str)> = Vec::new(); // (field, profile name)
-    let mut selectors: Vec<(String, &BTreeMap<String, String>)> = Vec::new();
+    // (field, profile name, selector)
+    let mut selectors: Vec<(String, &str, &BTreeMap<String, String>)> = Vec::new();
 
     if let Some(i) = &raw.profiles.istiod {
         let f = "profiles.istiod";
         names.push((f.into(), "istiod"));
-        selectors.push((f.into(), &i.selector));
+        selectors.push((f.into(), "istiod", &i.selector));
         check_profile_common(f, &i.role, &i.secret_path, &i.selector, &i.files, &mut bad);
+        check_render_interval(f, i.rotation, i.render_interval.as_deref(), &mut bad);
         if i.container.trim().is_empty() {
             bad(format!("{f}.container"), "must not be empty".into());
         }
@@ -552,8 +629,9 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
             );
         }
         names.push((format!("{f}.name"), &g.name));
-        selectors.push((f.clone(), &g.selector));
+        selectors.push((f.clone(), &g.name, &g.selector));
         check_profile_common(&f, &g.role, &g.secret_path, &g.selector, &g.files, &mut bad);
+        check_render_interval(&f, g.rotation, g.render_interval.as_deref(), &mut bad);
         if g.files.is_empty() {
             bad(format!("{f}.files"), "must name at least one file".into());
         }
@@ -567,12 +645,18 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
             );
         }
     }
-    for (i, (field, sel)) in selectors.iter().enumerate() {
-        if let Some((first, _)) = selectors[..i].iter().find(|(_, s)| s == sel) {
+    // Both profiles by name as well as by index: in a long gateway list an
+    // index alone sends the reader counting.
+    for (i, (field, name, sel)) in selectors.iter().enumerate() {
+        if let Some((first, first_name, _)) = selectors[..i].iter().find(|(_, _, s)| s == sel) {
+            let labels: Vec<String> = sel.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             bad(
                 format!("{field}.match"),
                 format!(
-                    "same selector as {first}.match; one of the two profiles could never apply"
+                    "profile {name:?} has the same selector {{{}}} as profile {first_name:?} \
+                     ({first}.match); one of the two could never apply, so give them \
+                     different labels",
+                    labels.join(", ")
                 ),
             );
         }
@@ -633,6 +717,118 @@ fn check_profile_common(
             );
         }
     }
+}
+
+fn check_render_interval(
+    f: &str,
+    rotation: Rotation,
+    interval: Option<&str>,
+    bad: &mut impl FnMut(String, String),
+) {
+    let Some(interval) = interval else {
+        return;
+    };
+    let field = format!("{f}.renderInterval");
+    if rotation == Rotation::InitOnly {
+        bad(
+            field.clone(),
+            "only applies with rotation: sidecar (with init-only the agent renders once, \
+             before the Pod starts, and never again); remove renderInterval or set \
+             rotation: sidecar"
+                .into(),
+        );
+    }
+    match go_duration_nanos(interval) {
+        Err(why) => bad(
+            field,
+            format!(
+                "{interval:?} is not a duration ({why}): write numbers with units \
+                 ns, us, ms, s, m or h, e.g. 30s, 5m or 1h30m"
+            ),
+        ),
+        Ok(0) => bad(
+            field,
+            format!("{interval:?} must be longer than zero, e.g. 30s or 5m"),
+        ),
+        Ok(_) => {}
+    }
+}
+
+/// Nanoseconds of a duration in the syntax of Go's `time.ParseDuration`
+/// (what the agent's `parseutil.ParseDurationSecond` hands it: openbao/openbao
+/// and hashicorp/vault command/agent/config/config.go,
+/// `parseTemplateConfig`), without a sign: one or more `<decimal><unit>`,
+/// the decimal with digits before or after an optional `.`, the unit one
+/// of `ns us µs μs ms s m h`. Go's limit, about 292 years, is kept; digits
+/// of a fraction beyond a nanosecond are dropped, as Go drops them.
+fn go_duration_nanos(text: &str) -> Result<u64, String> {
+    const UNITS: [(&str, u64); 8] = [
+        ("ns", 1),
+        ("us", 1_000),
+        ("\u{b5}s", 1_000),
+        ("\u{3bc}s", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    if text.is_empty() {
+        return Err("empty".into());
+    }
+    let mut total: u128 = 0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(number_end);
+        let unit_end = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_end);
+        rest = after;
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if whole.is_empty() && fraction.is_empty() {
+            return Err(if number.is_empty() {
+                format!("{unit:?} has no number before it")
+            } else {
+                "a lone '.' is not a number".into()
+            });
+        }
+        if fraction.contains('.') {
+            return Err(format!("{number:?} has two '.'"));
+        }
+        if unit.is_empty() {
+            return Err(format!("{number:?} has no unit"));
+        }
+        let Some(&(_, scale)) = UNITS.iter().find(|(u, _)| *u == unit) else {
+            return Err(format!("unknown unit {unit:?}"));
+        };
+        let scale = u128::from(scale);
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| "too long".to_owned())?
+        };
+        // The first 19 digits of a fraction reach far below a nanosecond
+        // even in hours (Go stops near 18) and keep the product in range.
+        let digits = &fraction[..fraction.len().min(19)];
+        let fraction_nanos = if digits.is_empty() {
+            0
+        } else {
+            let value: u128 = digits.parse().map_err(|_| "too long".to_owned())?;
+            value * scale / 10u128.pow(digits.len() as u32)
+        };
+        total = whole
+            .checked_mul(scale)
+            .and_then(|n| n.checked_add(fraction_nanos))
+            .and_then(|n| n.checked_add(total))
+            .ok_or_else(|| "too long".to_owned())?;
+        if total > i64::MAX as u128 {
+            return Err("too long: at most about 292 years".into());
+        }
+    }
+    u64::try_from(total).map_err(|_| "too long".to_owned())
 }
 
 fn check_path(path: &str, field: &str, bad: &mut impl FnMut(String, String)) {

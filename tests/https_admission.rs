@@ -74,14 +74,16 @@ const SECRET_VOLUME_PATH: &str = "/vault/secrets";
 const V: &str = "vault.hashicorp.com/";
 
 /// Annotations the webhook owns that the example config wants absent
-/// (rotation sidecar, default volume path, no address/namespace/CA/TLS secret).
-const OWNED_ABSENT: [&str; 6] = [
+/// (rotation sidecar, default volume path, no address/namespace/CA/TLS
+/// secret, no render interval).
+const OWNED_ABSENT: [&str; 7] = [
     "vault.hashicorp.com/agent-pre-populate-only",
     "vault.hashicorp.com/secret-volume-path",
     "vault.hashicorp.com/service",
     "vault.hashicorp.com/namespace",
     "vault.hashicorp.com/ca-cert",
     "vault.hashicorp.com/tls-secret",
+    "vault.hashicorp.com/template-static-secret-render-interval",
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -151,6 +153,7 @@ fn owned_annotations(profile: &Profile, hash: &str) -> BTreeMap<String, String> 
                 profile.secret_path
             ),
         );
+        set(format!("{V}error-on-missing-key-{file}"), "true".into());
     }
     set("istio-vault-webhook/profile".into(), profile.name.into());
     set("istio-vault-webhook/config-hash".into(), hash.into());

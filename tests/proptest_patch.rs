@@ -39,13 +39,14 @@ const TLS_FILES: [(&str, &str); 3] = [
     ("ca.crt", "ca_crt"),
 ];
 /// The annotations the webhook sets only when configured (SPEC §4).
-const OPTIONAL: [&str; 6] = [
+const OPTIONAL: [&str; 7] = [
     "vault.hashicorp.com/agent-pre-populate-only",
     "vault.hashicorp.com/secret-volume-path",
     "vault.hashicorp.com/service",
     "vault.hashicorp.com/namespace",
     "vault.hashicorp.com/ca-cert",
     "vault.hashicorp.com/tls-secret",
+    "vault.hashicorp.com/template-static-secret-render-interval",
 ];
 
 // ---------------------------------------------------------------------------
@@ -63,8 +64,14 @@ fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     files(pairs)
 }
 
-fn rotation() -> impl Strategy<Value = Rotation> {
-    prop_oneof![Just(Rotation::Sidecar), Just(Rotation::InitOnly)]
+/// A rotation and, with `sidecar` only, maybe a render interval.
+fn rotation() -> impl Strategy<Value = (Rotation, Option<String>)> {
+    prop_oneof![
+        Just((Rotation::Sidecar, None)),
+        select(&["30s", "5m", "1h30m", "1.5h", "250ms"][..])
+            .prop_map(|d| (Rotation::Sidecar, Some(d.to_string()))),
+        Just((Rotation::InitOnly, None)),
+    ]
 }
 
 fn optional(values: &'static [&'static str]) -> impl Strategy<Value = String> {
@@ -96,7 +103,7 @@ prop_compose! {
                 format!("secret/{name}/certs")
             }
         };
-        let istiod = istiod.map(|(istio_layout, rotation, container, revision)| RawIstiod {
+        let istiod = istiod.map(|(istio_layout, (rotation, render_interval), container, revision)| RawIstiod {
             secret_path: path("istiod"),
             role: "istiod".into(),
             selector: if revision {
@@ -106,6 +113,7 @@ prop_compose! {
             },
             container: container.into(),
             rotation,
+            render_interval,
             files: files(if istio_layout { &ISTIO_FILES } else { &TLS_FILES }),
         });
         let all = [
@@ -126,7 +134,8 @@ prop_compose! {
                     selector,
                     role: format!("istio-{name}"),
                     secret_path: path(name),
-                    rotation: gateway_rotations[i],
+                    rotation: gateway_rotations[i].0,
+                    render_interval: gateway_rotations[i].1.clone(),
                     files,
                 }
             })
@@ -167,6 +176,7 @@ fn expectations(raw: &RawConfig, hash: &str) -> Vec<Expect> {
                    role: &str,
                    secret_path: &str,
                    rotation: Rotation,
+                   render_interval: Option<&str>,
                    files: &BTreeMap<String, String>,
                    container: Option<&str>| {
         let data = if raw.vault.kv_version == 2 {
@@ -190,6 +200,7 @@ fn expectations(raw: &RawConfig, hash: &str) -> Vec<Expect> {
                     "{{{{- with secret \"{secret_path}\" -}}}}{{{{ {data}.{key} }}}}{{{{- end -}}}}"
                 ),
             );
+            put(format!("{VAULT}error-on-missing-key-{file}"), "true");
         }
         let optional = [
             (rotation == Rotation::InitOnly).then_some("true"),
@@ -198,6 +209,7 @@ fn expectations(raw: &RawConfig, hash: &str) -> Vec<Expect> {
             (!raw.vault.namespace.is_empty()).then_some(raw.vault.namespace.as_str()),
             (!raw.vault.ca_cert.is_empty()).then_some(raw.vault.ca_cert.as_str()),
             (!raw.vault.tls_secret.is_empty()).then_some(raw.vault.tls_secret.as_str()),
+            render_interval,
         ];
         let mut absent = Vec::new();
         for (key, value) in OPTIONAL.into_iter().zip(optional) {
@@ -223,6 +235,7 @@ fn expectations(raw: &RawConfig, hash: &str) -> Vec<Expect> {
             &i.role,
             &i.secret_path,
             i.rotation,
+            i.render_interval.as_deref(),
             &i.files,
             Some(&i.container),
         );
@@ -234,6 +247,7 @@ fn expectations(raw: &RawConfig, hash: &str) -> Vec<Expect> {
             &g.role,
             &g.secret_path,
             g.rotation,
+            g.render_interval.as_deref(),
             &g.files,
             None,
         );

@@ -173,6 +173,97 @@ async fn two_replicas_share_one_webhook_configuration() {
     b.wait().await;
 }
 
+/// `openssl verify -CAfile <bundle> <leaf>` for the Service name, the check
+/// `curl --cacert` and `openssl s_client` make: Ok, or what OpenSSL said.
+fn openssl_verify(
+    dir: &std::path::Path,
+    bundle: &[u8],
+    leaf_der: &[u8],
+    name: &str,
+) -> Result<(), String> {
+    use istio_vault_webhook::tls::ca_bundle::CaCert;
+    let bundle_path = dir.join("bundle.pem");
+    let leaf_path = dir.join(format!("leaf-{name}.pem"));
+    std::fs::write(&bundle_path, bundle).unwrap();
+    let leaf = CaCert::from_der(leaf_der.to_vec()).expect("a certificate");
+    std::fs::write(&leaf_path, leaf.pem()).unwrap();
+    let out = std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&bundle_path)
+        .args(["-purpose", "sslserver", "-verify_hostname", SERVICE_DNS])
+        .arg(&leaf_path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl (install it to run this test): {e}"));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl verify of replica {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Two CAs generated in the same second, merged into one bundle as the
+/// replicas do: OpenSSL must find each leaf's own CA, not the first one.
+#[test]
+fn self_signed_identities_of_one_second_each_verify_with_openssl() {
+    use istio_vault_webhook::tls::{ca_bundle, self_signed};
+    let names = self_signed::service_names("istio-vault-webhook", "istio-vault-webhook");
+    let validity = Duration::from_secs(3600);
+    // Same second, like two replicas of one Deployment: retry the rare
+    // pair that straddles a second boundary.
+    let (a, b) = loop {
+        let second = time::OffsetDateTime::now_utc().unix_timestamp();
+        let a = self_signed::generate(&names, validity).unwrap();
+        let b = self_signed::generate(&names, validity).unwrap();
+        if time::OffsetDateTime::now_utc().unix_timestamp() == second {
+            break (a, b);
+        }
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let bundle = ca_bundle::merge(b"", &[a.ca(), b.ca()], &[], now).bundle;
+    let dir = tempfile::tempdir().unwrap();
+    let failures: Vec<String> = [("a", &a), ("b", &b)]
+        .into_iter()
+        .filter_map(|(name, s)| openssl_verify(dir.path(), &bundle, &s.key.cert[0], name).err())
+        .collect();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The same through two replicas started at once: each served chain
+/// verifies with OpenSSL against the caBundle the API server ends up with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_together_each_verify_with_openssl() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(&dir);
+    let fake = FakeApiServer::start().await;
+    fake.apply_webhook_config(webhook_config(MWC, 1, b""));
+    let (a, b) = tokio::join!(replica(&fake, &config, &[]), replica(&fake, &config, &[]));
+    let bundle = bundles_trust(&fake, &[ca_der(&a), ca_der(&b)], "both CAs in the caBundle")
+        .await
+        .remove(0);
+    let mut failures = Vec::new();
+    for (name, r) in [("a", &a), ("b", &b)] {
+        let tls = rt::tls_connect(
+            r.https_addr,
+            rt::client_config(rt::roots(&bundle), None),
+            SERVICE_DNS,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("replica {name}: {e}"));
+        let served = rt::peer_cert(&tls);
+        failures.extend(openssl_verify(dir.path(), &bundle, &served, name).err());
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    for r in [a, b] {
+        r.shutdown.cancel();
+        r.wait().await;
+    }
+}
+
 /// A CA certificate that expired yesterday.
 fn expired_ca_pem() -> String {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};

@@ -319,3 +319,102 @@ async fn in_cluster_defaults_follow_the_pod_namespace_configmap() {
     );
     server.sigterm();
 }
+
+/// Runs `serve` that is expected to give up: its exit status and stderr
+/// (killed, and the test failed, if it is still running after 15 s).
+fn serve_that_fails(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .args(args)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn the binary");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "serve {args:?} still running after 15 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_on_taken_ports_fails_at_once_and_keeps_the_first_ones_ca() {
+    // The README's first command twice: the embedded example, its CA in the
+    // temp directory.
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().to_str().unwrap();
+    let first = Server::spawn(&[], &[("TMPDIR", tmpdir)]);
+    let ca_path = tmp.path().join("istio-vault-webhook").join("ca.pem");
+    let ca = std::fs::read(&ca_path).expect("the embedded example writes its CA");
+    let https = first.https.to_string();
+    let admin = first.admin.to_string();
+
+    // The HTTPS port is taken.
+    let t0 = Instant::now();
+    let (status, stderr) = serve_that_fails(
+        &["--listen", &https, "--admin-listen", "127.0.0.1:0"],
+        &[("TMPDIR", tmpdir)],
+    );
+    assert!(!status.success(), "second instance exited with {status}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {https} (--listen)")),
+        "{stderr}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // The admin port is taken (the HTTPS one is free): the same, though
+    // the HTTPS port is bound first.
+    let ca_out = tmp.path().join("second-ca.pem");
+    std::fs::write(&ca_out, b"kept\n").unwrap();
+    let (status, stderr) = serve_that_fails(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &admin,
+            "--tls-self-signed",
+            "--ca-out",
+            ca_out.to_str().unwrap(),
+        ],
+        &[("TMPDIR", tmpdir)],
+    );
+    assert!(!status.success(), "second instance exited with {status}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {admin} (--admin-listen)")),
+        "{stderr}"
+    );
+
+    // Nothing was written, and the first instance still serves with its CA.
+    assert!(
+        std::fs::read(&ca_path).unwrap() == ca,
+        "the first instance's CA file was overwritten"
+    );
+    assert_eq!(
+        std::fs::read(&ca_out).unwrap(),
+        b"kept\n",
+        "--ca-out written"
+    );
+    let v = rt::verdict(&rt::admit(first.https, &ca, "localhost", &rt::istiod_review("1")).await);
+    assert!(v.allowed, "{v:?}");
+    first.sigterm();
+}

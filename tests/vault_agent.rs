@@ -42,51 +42,68 @@ struct CaMaterial {
     inter_key: String,
 }
 
-fn generate_ca(cluster: &str) -> CaMaterial {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-        KeyUsagePurpose,
-    };
-    let ca_params = |org: &str, cn: &str, constraint: BasicConstraints| {
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("certificate params");
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, org);
-        dn.push(DnType::CommonName, cn);
-        p.distinguished_name = dn;
-        p.is_ca = IsCa::Ca(constraint);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p
-    };
-    let root_key = KeyPair::generate().expect("root key");
-    let root_params = ca_params("Istio", "Root CA", BasicConstraints::Unconstrained);
-    let root_cert = root_params.self_signed(&root_key).expect("root cert").pem();
-    let root = Issuer::new(root_params, root_key);
+/// A root CA that can sign several intermediates (a rotation keeps the root).
+struct Root {
+    cert: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
 
-    let inter_key = KeyPair::generate().expect("intermediate key");
-    let inter_params = ca_params(
-        "Istio",
-        &format!("Intermediate CA {cluster}"),
-        BasicConstraints::Constrained(0),
-    );
-    let inter_cert = inter_params
-        .signed_by(&inter_key, &root)
+fn ca_params(org: &str, cn: &str, constraint: rcgen::BasicConstraints) -> rcgen::CertificateParams {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, IsCa, KeyUsagePurpose};
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("certificate params");
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, org);
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(constraint);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+impl Root {
+    fn new() -> Root {
+        let key = rcgen::KeyPair::generate().expect("root key");
+        let params = ca_params("Istio", "Root CA", rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("root cert").pem();
+        Root {
+            cert: cert.trim_end().to_string(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A new intermediate for `cluster`, signed by this root.
+    fn intermediate(&self, cluster: &str) -> CaMaterial {
+        let inter_key = rcgen::KeyPair::generate().expect("intermediate key");
+        let inter_cert = ca_params(
+            "Istio",
+            &format!("Intermediate CA {cluster}"),
+            rcgen::BasicConstraints::Constrained(0),
+        )
+        .signed_by(&inter_key, &self.issuer)
         .expect("intermediate cert")
         .pem();
-
-    CaMaterial {
-        root_cert: root_cert.trim_end().to_string(),
-        inter_cert: inter_cert.trim_end().to_string(),
-        inter_key: inter_key.serialize_pem().trim_end().to_string(),
+        CaMaterial {
+            root_cert: self.cert.clone(),
+            inter_cert: inter_cert.trim_end().to_string(),
+            inter_key: inter_key.serialize_pem().trim_end().to_string(),
+        }
     }
+}
+
+fn generate_ca(cluster: &str) -> CaMaterial {
+    Root::new().intermediate(cluster)
 }
 
 /// The Istio plug-in CA bundle, keyed by KV key, each value ending differently.
 fn istio_bundle(cluster: &str) -> BTreeMap<String, Vec<u8>> {
-    let ca = generate_ca(cluster);
+    istio_bundle_of(&generate_ca(cluster))
+}
+
+fn istio_bundle_of(ca: &CaMaterial) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
     // one trailing newline (what `cat key.pem` usually gives)
     m.insert("ca_key".into(), format!("{}\n", ca.inter_key).into_bytes());
@@ -345,6 +362,9 @@ struct Case<'a> {
     volume_path: &'a str,
     /// For istiod: the container that must get ROOT_CA_DIR.
     istiod_container: Option<&'a str>,
+    /// The profile's `renderInterval`, which must reach the agent's
+    /// `template_config.static_secret_render_interval`.
+    render_interval: Option<&'a str>,
 }
 
 fn run_case(case: Case<'_>) {
@@ -408,7 +428,20 @@ fn run_case(case: Case<'_>) {
             "secret {} has no agent-inject-secret path\n{context}",
             s.raw_name
         );
+        // A wrong key must fail the agent, not render "<no value>".
+        assert!(
+            s.error_on_missing_key,
+            "secret {} would render \"<no value>\" for a missing key: no \
+             error-on-missing-key-{} \"true\"\n{context}",
+            s.raw_name, s.raw_name
+        );
     }
+    let render_interval = bao::render_interval(&annotations);
+    assert_eq!(
+        render_interval.as_deref(),
+        case.render_interval,
+        "template-static-secret-render-interval\n{context}"
+    );
 
     // istiod reads ROOT_CA_DIR; the agent must write exactly there.
     if let Some(container) = case.istiod_container {
@@ -436,7 +469,16 @@ fn run_case(case: Case<'_>) {
     fs::create_dir_all(host_path(&pod_root, case.volume_path)).unwrap();
     let token_file = work.join("root-token");
     fs::write(&token_file, &dev.token).unwrap();
-    let config = bao::agent_config(&dev.addr, &secrets, &pod_root, &token_file, &work);
+    let config = bao::agent_config(
+        &dev.addr,
+        &secrets,
+        render_interval.as_deref(),
+        &pod_root,
+        &token_file,
+        &work,
+    );
+    // The agent parses the interval when it loads its configuration: a value
+    // it refused would fail this run.
     let agent = bao::run_agent(&dev, &config, &work);
 
     // -- Exactly the configured files, byte for byte ------------------------
@@ -558,6 +600,7 @@ profiles:
         files: ISTIO_FILES,
         volume_path: "/vault/secrets",
         istiod_container: Some("discovery"),
+        render_interval: None,
     });
 }
 
@@ -574,7 +617,8 @@ profiles:
 /// `<mount>/data/<path>`), so the explicit form is a choice, not a necessity.
 /// `.Data.<key>` against a v2 mount renders the literal text `<no value>` and
 /// the agent still exits 0, because vault-k8s leaves `error_on_missing_key`
-/// false unless `error-on-missing-key-<name>` is set.
+/// false unless `error-on-missing-key-<name>` is set, which the webhook does
+/// for every file (see `a_key_missing_from_the_secret_fails_the_agent`).
 #[test]
 fn istiod_kv_v2_istio_layout_renders_byte_for_byte() {
     let (pod_yaml, pod) = istiod_pod(true);
@@ -586,6 +630,7 @@ vault:
 profiles:
   istiod:
     secretPath: kubernetes-cluster2-secrets/data/istiod-service/certs
+    renderInterval: 1m30s
 ",
         pod_yaml: &pod_yaml,
         pod: pod.clone(),
@@ -600,6 +645,7 @@ profiles:
         files: ISTIO_FILES,
         volume_path: "/vault/secrets",
         istiod_container: Some("discovery"),
+        render_interval: Some("1m30s"),
     });
 }
 
@@ -636,6 +682,7 @@ profiles:
         files: TLS_FILES,
         volume_path: "/etc/istio/vault-ca",
         istiod_container: Some("discovery"),
+        render_interval: None,
     });
 }
 
@@ -702,5 +749,185 @@ profiles:
         files: TLS_FILES,
         volume_path: "/vault/secrets",
         istiod_container: None,
+        render_interval: None,
     });
+}
+
+/// The agent run the way the kubelet would run `vault-agent-init` for these
+/// annotations: its exit and the secret volume it rendered into.
+fn run_init_agent(
+    dev: &BaoDev,
+    annotations: &BTreeMap<String, String>,
+    name: &str,
+) -> (bao::Output, PathBuf) {
+    let work = dev.dir.path();
+    let pod_root = work.join(name);
+    let volume = host_path(&pod_root, "/vault/secrets");
+    fs::create_dir_all(&volume).unwrap();
+    let token_file = work.join("root-token");
+    fs::write(&token_file, &dev.token).unwrap();
+    let secrets = injected_secrets(annotations);
+    let config = bao::agent_config(
+        &dev.addr,
+        &secrets,
+        bao::render_interval(annotations).as_deref(),
+        &pod_root,
+        &token_file,
+        work,
+    );
+    (bao::run_agent_to_exit(dev, &config, work), volume)
+}
+
+/// A key the secret does not have (`ca_kee` for `ca_key`): with the
+/// webhook's `error-on-missing-key-<file>` the real agent fails, so
+/// `vault-agent-init` fails and istiod never starts, and no `ca-key.pem` is
+/// written. The control run, without those annotations (vault-k8s' default),
+/// shows what they prevent: the agent exits 0 having written `<no value>`.
+#[test]
+fn a_key_missing_from_the_secret_fails_the_agent() {
+    let dev = BaoDev::start();
+    dev.enable_kv("kubernetes-cluster1-secrets", 1);
+    dev.put_kv(
+        "kubernetes-cluster1-secrets",
+        "istiod-service/certs",
+        &istio_bundle("cluster1"),
+    );
+    let config = "cluster: cluster1
+vault:
+  authPath: auth/kubernetes-cluster1
+profiles:
+  istiod:
+    secretPath: kubernetes-cluster1-secrets/istiod-service/certs
+    files:
+      ca-key.pem: ca_kee
+      ca-cert.pem: ca_cert
+      root-cert.pem: root_cert
+      cert-chain.pem: cert_chain
+";
+    let (pod_yaml, pod) = istiod_pod(false);
+    let patch = render_patch(config, &pod_yaml, dev.dir.path());
+    let (_, annotations) = patched_pod(&pod, &patch);
+
+    let (out, volume) = run_init_agent(&dev, &annotations, "with");
+    assert!(
+        !out.status.success(),
+        "the agent rendered a missing key without failing\n{}",
+        out.describe()
+    );
+    assert!(
+        !volume.join("ca-key.pem").exists(),
+        "ca-key.pem was written for a missing key\n{}",
+        out.describe()
+    );
+    for file in list_files(&volume) {
+        let bytes = fs::read(volume.join(&file)).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("<no value>"),
+            "{} holds \"<no value>\"",
+            file.display()
+        );
+    }
+
+    let control: BTreeMap<String, String> = annotations
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("vault.hashicorp.com/error-on-missing-key-"))
+        .collect();
+    let (out, volume) = run_init_agent(&dev, &control, "without");
+    assert!(out.status.success(), "control run\n{}", out.describe());
+    assert_eq!(
+        fs::read(volume.join("ca-key.pem")).unwrap(),
+        b"<no value>",
+        "without error-on-missing-key the agent writes \"<no value>\" as the CA key"
+    );
+}
+
+/// Rotation without restart, as far as the agent goes: with `rotation:
+/// sidecar` and `renderInterval: 2s` on KV v2, the sidecar (started after
+/// the init container, as the kubelet does) rewrites every file in place
+/// with a new intermediate under the same root within a few seconds, where
+/// the agent's default would take about 5 minutes.
+#[test]
+fn the_sidecar_re_renders_a_rotated_intermediate_within_the_render_interval() {
+    let dev = BaoDev::start();
+    let work = dev.dir.path().to_path_buf();
+    dev.enable_kv("kubernetes-cluster2-secrets", 2);
+    let root = Root::new();
+    let first = istio_bundle_of(&root.intermediate("cluster2"));
+    dev.put_kv(
+        "kubernetes-cluster2-secrets",
+        "istiod-service/certs",
+        &first,
+    );
+    let config = "cluster: cluster2
+vault:
+  authPath: auth/kubernetes-cluster2
+  kvVersion: 2
+profiles:
+  istiod:
+    secretPath: kubernetes-cluster2-secrets/data/istiod-service/certs
+    renderInterval: 2s
+";
+    let (pod_yaml, pod) = istiod_pod(false);
+    let patch = render_patch(config, &pod_yaml, &work);
+    let (_, annotations) = patched_pod(&pod, &patch);
+
+    let pod_root = work.join("pod-fs");
+    let volume = host_path(&pod_root, "/vault/secrets");
+    fs::create_dir_all(&volume).unwrap();
+    let token_file = work.join("root-token");
+    fs::write(&token_file, &dev.token).unwrap();
+    let secrets = injected_secrets(&annotations);
+    let init = bao::agent_config(
+        &dev.addr,
+        &secrets,
+        bao::render_interval(&annotations).as_deref(),
+        &pod_root,
+        &token_file,
+        &work,
+    );
+    assert_eq!(
+        init["template_config"]["static_secret_render_interval"], "2s",
+        "{init:#}"
+    );
+    bao::run_agent(&dev, &init, &work);
+    let files_hold = |bundle: &BTreeMap<String, Vec<u8>>| {
+        ISTIO_FILES
+            .iter()
+            .all(|(f, k)| fs::read(volume.join(f)).ok().as_ref() == Some(&bundle[*k]))
+    };
+    assert!(
+        files_hold(&first),
+        "the init agent rendered the first bundle"
+    );
+
+    let (mut sidecar, log) = bao::spawn_agent(&dev, &bao::sidecar_config(&init), &work);
+    // The sidecar's first render rewrites the same bytes; let it settle.
+    std::thread::sleep(Duration::from_millis(500));
+    let rotated = istio_bundle_of(&root.intermediate("cluster2"));
+    assert_eq!(first["root_cert"], rotated["root_cert"], "same root");
+    let written = std::time::Instant::now();
+    dev.put_kv(
+        "kubernetes-cluster2-secrets",
+        "istiod-service/certs",
+        &rotated,
+    );
+    let deadline = written + Duration::from_secs(20);
+    while !files_hold(&rotated) {
+        if let Some(status) = sidecar.try_wait() {
+            panic!("the sidecar exited ({status}):\n{}", bao::tail(&log, 8000));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the files still hold the old intermediate 20 s after the rotation:\n{}",
+            bao::tail(&log, 8000)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = written.elapsed();
+    eprintln!("rotated intermediate rendered {took:?} after it was written to Vault");
+    assert!(
+        took < Duration::from_secs(10),
+        "renderInterval 2s, yet the rotation took {took:?}"
+    );
+    sidecar.kill();
 }

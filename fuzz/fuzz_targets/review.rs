@@ -35,6 +35,7 @@ profiles:
       match: { istio: ingressgateway }
       role: istio-ingressgateway
       secretPath: kv/data/ingressgateway/certs
+      renderInterval: 1m30s
       files: { tls.crt: tls_crt, tls.key: tls_key, ca.crt: ca_crt }
     - name: eastwest
       match: { app: istio-eastwestgateway, topology.istio.io/network: net1 }

@@ -95,6 +95,7 @@ fn exact_annotation_set_for_istiod() {
             [
                 format!("{}{f}", keys::SECRET_PREFIX),
                 format!("{}{f}", keys::TEMPLATE_PREFIX),
+                format!("{}{f}", keys::ERROR_ON_MISSING_KEY_PREFIX),
             ]
         })
         .collect();
@@ -116,6 +117,7 @@ fn exact_annotation_set_for_istiod() {
         keys::NAMESPACE,
         keys::CA_CERT,
         keys::TLS_SECRET,
+        keys::STATIC_SECRET_RENDER_INTERVAL,
     ] {
         assert!(absent.contains(&k), "{k} should be owned-absent");
     }
@@ -173,7 +175,9 @@ profiles:
         Some("/etc/istio-ca")
     );
     assert_eq!(annotation(p, keys::PRE_POPULATE_ONLY), Some("true"));
-    assert!(p.absent.is_empty());
+    // Only the render interval, which init-only cannot have, stays absent.
+    let absent: Vec<&str> = p.absent.iter().map(|a| a.key.as_str()).collect();
+    assert_eq!(absent, [keys::STATIC_SECRET_RENDER_INTERVAL]);
     assert_eq!(c.secret_volume_path, "/etc/istio-ca");
 }
 
@@ -309,7 +313,20 @@ fn rejects_file_names_kubernetes_refuses() {
             "{{ name: gw, match: {{ istio: x }}, role: r, secretPath: m/p, files: {{ '{file}': k }} }}"
         ))
     };
-    assert!(Config::parse(&gw(&ok41)).is_ok(), "41 characters fit");
+    let c = Config::parse(&gw(&ok41)).expect("41 characters fit");
+    // Every per-file annotation name, error-on-missing-key- (21) and
+    // agent-inject-template- (22) included, stays within 63 characters.
+    for a in &c.profiles[0].annotations {
+        let name = a.key.split_once('/').map_or(a.key.as_str(), |(_, n)| n);
+        assert!(name.len() <= 63, "{} is {} characters", a.key, name.len());
+    }
+    assert!(
+        c.profiles[0]
+            .annotations
+            .iter()
+            .any(|a| a.key.len() == "vault.hashicorp.com/".len() + 63),
+        "the template annotation uses all 63 characters"
+    );
     let e = err(&gw(&long));
     assert!(e.contains("is 42 characters; at most 41"), "{e}");
     for bad in ["-tls.crt", "tls.crt.", "tls/crt", "tls crt", "tls:crt", "ÿ"] {
@@ -376,7 +393,10 @@ fn rejects_repeated_selectors_and_names() {
         "cluster: c\nvault: { authPath: auth/k }\nprofiles:\n  istiod: { secretPath: m/p }\n  gateways:\n    - { name: gw, match: { app: istiod }, role: r, secretPath: m/q, files: { a: k } }\n",
     );
     assert!(
-        e.contains("profiles.gateways[0].match: same selector as profiles.istiod.match"),
+        e.contains(
+            "profiles.gateways[0].match: profile \"gw\" has the same selector {app: istiod} \
+             as profile \"istiod\" (profiles.istiod.match)"
+        ),
         "{e}"
     );
     let e = err(
@@ -391,6 +411,19 @@ fn rejects_repeated_selectors_and_names() {
     )
     .replace("profiles:\n", "profiles:\n  istiod: { secretPath: m/p }\n"));
     assert!(e.contains("already used by"), "{e}");
+}
+
+#[test]
+fn a_repeated_selector_names_both_gateways() {
+    let e = err(
+        "cluster: c\nvault: { authPath: auth/k }\nprofiles:\n  gateways:\n    - { name: ingressgateway, match: { istio: ingressgateway }, role: r, secretPath: m/q, files: { a: k } }\n    - { name: egressgateway, match: { istio: egressgateway }, role: r, secretPath: m/q, files: { a: k } }\n    - { name: egress, match: { istio: ingressgateway }, role: r, secretPath: m/q, files: { a: k } }\n",
+    );
+    assert_eq!(
+        e,
+        "profiles.gateways[2].match: profile \"egress\" has the same selector \
+         {istio: ingressgateway} as profile \"ingressgateway\" (profiles.gateways[0].match); \
+         one of the two could never apply, so give them different labels"
+    );
 }
 
 #[test]
@@ -453,4 +486,154 @@ fn hostile_yaml_is_an_error_not_a_panic() {
     ] {
         assert!(Config::parse(text).is_err(), "{text:?}");
     }
+}
+
+#[test]
+fn every_file_of_every_profile_errors_on_a_missing_key() {
+    let c = Config::parse(EXAMPLE_CONFIG).unwrap();
+    for p in &c.profiles {
+        let files: Vec<&str> = p
+            .annotations
+            .iter()
+            .filter_map(|a| a.key.strip_prefix(keys::SECRET_PREFIX))
+            .collect();
+        assert!(!files.is_empty(), "{}", p.name);
+        for f in files {
+            assert_eq!(
+                annotation(p, &format!("{}{f}", keys::ERROR_ON_MISSING_KEY_PREFIX)),
+                Some("true"),
+                "{}: {f}",
+                p.name
+            );
+        }
+    }
+}
+
+#[test]
+fn render_interval_becomes_the_annotation_as_written() {
+    let c = Config::parse(
+        "cluster: c
+vault: { authPath: auth/k, kvVersion: 2 }
+profiles:
+  istiod: { secretPath: m/data/p, renderInterval: 1h30m }
+  gateways:
+    - { name: gw, match: { istio: gw }, role: r, secretPath: m/data/q, files: { a: k }, renderInterval: 90s }
+    - { name: other, match: { istio: other }, role: r, secretPath: m/data/q, files: { a: k } }
+",
+    )
+    .unwrap();
+    let got: Vec<Option<&str>> = c
+        .profiles
+        .iter()
+        .map(|p| annotation(p, keys::STATIC_SECRET_RENDER_INTERVAL))
+        .collect();
+    assert_eq!(got, [Some("1h30m"), Some("90s"), None]);
+    // Without it the annotation is owned and kept absent.
+    assert!(
+        c.profiles[2]
+            .absent
+            .iter()
+            .any(|a| a.key == keys::STATIC_SECRET_RENDER_INTERVAL)
+    );
+}
+
+#[test]
+fn render_interval_needs_rotation_sidecar() {
+    let e = err(&with_istiod(
+        "    rotation: init-only\n    renderInterval: 30s\n",
+    ));
+    assert!(
+        e.starts_with("profiles.istiod.renderInterval: only applies with rotation: sidecar"),
+        "{e}"
+    );
+    let e = err(&with_gateway(
+        "{ name: gw, match: { istio: x }, role: r, secretPath: m/p, files: { a: k }, rotation: init-only, renderInterval: 5m }",
+    ));
+    assert!(
+        e.starts_with("profiles.gateways[0].renderInterval: only applies with rotation: sidecar")
+            && e.contains("remove renderInterval or set rotation: sidecar"),
+        "{e}"
+    );
+}
+
+#[test]
+fn render_interval_must_be_a_positive_go_duration() {
+    for (text, nanos) in [
+        ("30s", 30_000_000_000),
+        ("5m", 300_000_000_000),
+        ("1h30m", 5_400_000_000_000),
+        ("1.5h", 5_400_000_000_000),
+        (".5s", 500_000_000),
+        ("5.s", 5_000_000_000),
+        ("1m30.25s", 90_250_000_000),
+        ("250ms", 250_000_000),
+        ("10us", 10_000),
+        ("10\u{b5}s", 10_000),
+        ("10\u{3bc}s", 10_000),
+        ("7ns", 7),
+        ("1h0m0s", 3_600_000_000_000),
+        ("2562047h", 2_562_047 * 3_600_000_000_000),
+    ] {
+        assert_eq!(go_duration_nanos(text), Ok(nanos), "{text}");
+        let yaml = with_istiod(&format!("    renderInterval: \"{text}\"\n"));
+        assert!(Config::parse(&yaml).is_ok(), "{text} refused");
+    }
+    for (text, why) in [
+        ("", "empty"),
+        ("30", "has no unit"),
+        ("0", "has no unit"),
+        ("5m30", "has no unit"),
+        ("5min", "unknown unit \"min\""),
+        ("1d", "unknown unit \"d\""),
+        ("5 m", "unknown unit \" m\""),
+        ("-5m", "\"-\" has no number before it"),
+        ("+5m", "\"+\" has no number before it"),
+        ("s", "\"s\" has no number before it"),
+        (".s", "a lone '.' is not a number"),
+        ("1.2.3s", "has two '.'"),
+        ("2562048h", "too long"),
+    ] {
+        let e = err(&with_istiod(&format!("    renderInterval: \"{text}\"\n")));
+        assert!(
+            e.starts_with(&format!(
+                "profiles.istiod.renderInterval: {text:?} is not a duration ("
+            )) && e.contains(why)
+                && e.contains("e.g. 30s, 5m or 1h30m"),
+            "{text}: {e}"
+        );
+    }
+    for zero in ["0s", "0h0m", "0.0000000001s"] {
+        let e = err(&with_istiod(&format!("    renderInterval: \"{zero}\"\n")));
+        assert!(e.contains("must be longer than zero"), "{zero}: {e}");
+    }
+    // A YAML number is not a duration; the error says what to write.
+    let e = err(&with_istiod("    renderInterval: 30\n"));
+    assert!(
+        e.starts_with(
+            "profiles.istiod.renderInterval: \"30\" is not a duration (\"30\" has no unit)"
+        ),
+        "{e}"
+    );
+    let e = err(&with_istiod("    renderInterval: [30s]\n"));
+    assert!(
+        e.contains("profiles.istiod: renderInterval must be a duration such as 30s"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unset_render_interval_leaves_the_config_hash_as_it_was() {
+    // Absent from the canonical form, so configs written before the field
+    // existed keep their hash; setting it changes the hash.
+    let a = Config::parse(&with_istiod("")).unwrap();
+    assert!(
+        !serde_json::to_string(&a.raw)
+            .unwrap()
+            .contains("renderInterval")
+    );
+    let b = Config::parse(&with_istiod("    renderInterval: 1m\n")).unwrap();
+    assert_ne!(a.hash, b.hash);
+    // Written back from its defaulted form, it loads with the same hash.
+    let again = Config::parse(&serde_yaml_ng::to_string(&b.raw).unwrap()).unwrap();
+    assert_eq!(again.hash, b.hash);
 }

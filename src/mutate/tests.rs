@@ -468,3 +468,82 @@ fn display_name_prefers_name_then_generate_name() {
     assert_eq!(v.display_name(), "b-");
     assert_eq!(PodView::default().display_name(), "");
 }
+
+#[test]
+fn error_on_missing_key_is_set_for_every_file_and_wins_over_false() {
+    let c = example();
+    let mut pod = istiod_pod();
+    let key = format!("{}ca-key.pem", keys::ERROR_ON_MISSING_KEY_PREFIX);
+    pod["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .insert(key.clone(), json!("false"));
+    let (out, warnings) = patched(&pod, &c);
+    assert_owned_annotations(&out, c.istiod().unwrap());
+    for f in [
+        "ca-key.pem",
+        "ca-cert.pem",
+        "root-cert.pem",
+        "cert-chain.pem",
+    ] {
+        assert_eq!(
+            annotations(&out)[&format!("{}{f}", keys::ERROR_ON_MISSING_KEY_PREFIX)],
+            "true",
+            "{f}"
+        );
+    }
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&key) && warnings[0].contains("\"false\""),
+        "{warnings:?}"
+    );
+    assert_idempotent(&out, &c);
+}
+
+#[test]
+fn render_interval_is_set_from_the_config_or_removed() {
+    let with = Config::parse(
+        "cluster: c
+vault: { authPath: auth/k, kvVersion: 2 }
+profiles:
+  istiod: { secretPath: m/data/p, renderInterval: 1m }
+",
+    )
+    .unwrap();
+    let without = Config::parse(
+        "cluster: c
+vault: { authPath: auth/k, kvVersion: 2 }
+profiles:
+  istiod: { secretPath: m/data/p }
+",
+    )
+    .unwrap();
+    let mut pod = istiod_pod();
+    pod["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .insert(keys::STATIC_SECRET_RENDER_INTERVAL.into(), json!("10m"));
+
+    // Configured: the config's value, as written, replaces the Pod's.
+    let (out, warnings) = patched(&pod, &with);
+    assert_owned_annotations(&out, with.istiod().unwrap());
+    assert_eq!(annotations(&out)[keys::STATIC_SECRET_RENDER_INTERVAL], "1m");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(keys::STATIC_SECRET_RENDER_INTERVAL) && warnings[0].contains("10m"),
+        "{warnings:?}"
+    );
+    assert_idempotent(&out, &with);
+
+    // Not configured: owned, so removed, with a warning.
+    let (out, warnings) = patched(&pod, &without);
+    assert_owned_annotations(&out, without.istiod().unwrap());
+    assert!(!annotations(&out).contains_key(keys::STATIC_SECRET_RENDER_INTERVAL));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains(keys::STATIC_SECRET_RENDER_INTERVAL) && w.contains("removed")),
+        "{warnings:?}"
+    );
+    assert_idempotent(&out, &without);
+}

@@ -82,75 +82,159 @@ pub async fn start(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 /// [`start`], serving HTTPS connections on `workers`.
+///
+/// The steps run in this order: bind both ports, start the config source,
+/// set up the serving certificates, start the servers. Binding comes first
+/// (as kubert's `ServerArgs::bind() -> Bound -> spawn()`, olix0r/kubert
+/// kubert/src/server.rs): a second instance started on ports that are
+/// taken fails before it writes a CA file or starts a task, so it cannot
+/// disturb the instance that owns them.
 pub async fn start_on(
     args: ServeArgs,
     shutdown: CancellationToken,
     workers: https::Workers,
 ) -> anyhow::Result<Running> {
     tls::install_default_provider();
-    let metrics = Arc::new(Metrics::new());
-    let mut tasks = Vec::new();
+    let bound = Bound::bind(&args).await?;
+    let mut steps = Steps {
+        args: &args,
+        embedded: bound.embedded,
+        metrics: Arc::new(Metrics::new()),
+        shutdown,
+        tasks: Vec::new(),
+        kube: None,
+    };
+    let started = steps.start(bound, workers).await;
+    if started.is_err() {
+        // A later step failed: stop what the earlier ones started (a
+        // watcher would otherwise outlive the error in an embedding process).
+        for task in &steps.tasks {
+            task.abort();
+        }
+    }
+    started
+}
 
-    // Outside a cluster with no config flag: the embedded example on localhost.
-    let embedded = args.config.is_none()
-        && args.config_map.is_none()
-        && args.kube_api.is_none()
-        && !in_cluster();
-    let mut kube: Option<kube::Client> = None;
-    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let any = |port: u16| SocketAddr::from(([0, 0, 0, 0], port));
-    let listen = args
-        .listen
-        .unwrap_or(if embedded { local(8443) } else { any(8443) });
-    let admin_listen = args
-        .admin_listen
-        .unwrap_or(if embedded { local(8080) } else { any(8080) });
+/// Both listeners, bound and not yet served.
+struct Bound {
+    https: TcpListener,
+    admin: TcpListener,
+    /// Outside a cluster with no config flag: the embedded example on
+    /// localhost.
+    embedded: bool,
+}
 
-    // --- config ---------------------------------------------------------
-    let config = if let Some(path) = &args.config {
-        let store = Arc::new(ConfigStore::new(
-            metrics.clone(),
-            "file",
-            format!(
-                "config file {} is missing or invalid; see /readyz",
-                path.display()
-            ),
-        ));
-        let first = file::load_once(path, &store);
-        tasks.push(tokio::spawn(file::watch(
-            path.clone(),
-            store.clone(),
-            first,
-            shutdown.clone(),
-        )));
-        store
-    } else if embedded {
-        let store = Arc::new(ConfigStore::new(
-            metrics.clone(),
-            "embedded",
-            "embedded example",
-        ));
-        store.set(Config::parse(EXAMPLE_CONFIG).context("embedded example config")?);
-        store
-    } else {
+impl Bound {
+    async fn bind(args: &ServeArgs) -> anyhow::Result<Bound> {
+        let embedded = args.config.is_none()
+            && args.config_map.is_none()
+            && args.kube_api.is_none()
+            && !in_cluster();
+        let host = if embedded {
+            [127, 0, 0, 1]
+        } else {
+            [0, 0, 0, 0]
+        };
+        let listen = args.listen.unwrap_or(SocketAddr::from((host, 8443)));
+        let admin_listen = args.admin_listen.unwrap_or(SocketAddr::from((host, 8080)));
+        let https = listen_on(listen, "--listen").await?;
+        let admin = listen_on(admin_listen, "--admin-listen").await?;
+        Ok(Bound {
+            https,
+            admin,
+            embedded,
+        })
+    }
+}
+
+async fn listen_on(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "; another process (another istio-vault-webhook?) holds it: stop it or pass a free address"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on {addr} ({flag}): {e}{hint}")
+    })
+}
+
+/// What the serving certificates step hands to the servers.
+struct Serving {
+    certs: Arc<CertStore>,
+    tls_config: Arc<rustls::ServerConfig>,
+    /// The self-signed CA (PEM), when one was generated.
+    ca_pem: Option<String>,
+    ca_bundle: Option<Arc<CaBundle>>,
+}
+
+/// The state the steps of [`start_on`] share.
+struct Steps<'a> {
+    args: &'a ServeArgs,
+    embedded: bool,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    /// Everything started so far; [`Running::wait`] awaits them.
+    tasks: Vec<JoinHandle<()>>,
+    kube: Option<kube::Client>,
+}
+
+impl Steps<'_> {
+    async fn start(&mut self, bound: Bound, workers: https::Workers) -> anyhow::Result<Running> {
+        let config = self.config_source().await?;
+        let serving = self.serving_certificates().await?;
+        self.servers(bound, config, serving, workers)
+    }
+
+    /// `--config FILE` (watched), the embedded example, or the ConfigMap
+    /// (watched through the API; waits up to [`FIRST_READ_TIMEOUT`] for the
+    /// first read).
+    async fn config_source(&mut self) -> anyhow::Result<Arc<ConfigStore>> {
+        let args = self.args;
+        if let Some(path) = &args.config {
+            let store = Arc::new(ConfigStore::new(
+                self.metrics.clone(),
+                "file",
+                format!(
+                    "config file {} is missing or invalid; see /readyz",
+                    path.display()
+                ),
+            ));
+            let first = file::load_once(path, &store);
+            self.tasks.push(tokio::spawn(file::watch(
+                path.clone(),
+                store.clone(),
+                first,
+                self.shutdown.clone(),
+            )));
+            return Ok(store);
+        }
+        if self.embedded {
+            let store = Arc::new(ConfigStore::new(
+                self.metrics.clone(),
+                "embedded",
+                "embedded example",
+            ));
+            store.set(Config::parse(EXAMPLE_CONFIG).context("embedded example config")?);
+            return Ok(store);
+        }
         let target = ConfigMapRef::parse(
             args.config_map.as_deref().unwrap_or("istio-vault-webhook"),
             &args.namespace,
         )?;
         let store = Arc::new(ConfigStore::new(
-            metrics.clone(),
+            self.metrics.clone(),
             "configmap",
             target.pending_message(),
         ));
-        let client = kube_client(&args, &mut kube).await?;
+        let client = kube_client(args, &mut self.kube).await?;
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-        tasks.push(tokio::spawn(configmap::watch(
+        self.tasks.push(tokio::spawn(configmap::watch(
             client,
             target.clone(),
             store.clone(),
-            metrics.clone(),
+            self.metrics.clone(),
             Some(first_tx),
-            shutdown.clone(),
+            self.shutdown.clone(),
         )));
         if tokio::time::timeout(FIRST_READ_TIMEOUT, first_rx)
             .await
@@ -158,30 +242,56 @@ pub async fn start_on(
         {
             tracing::warn!(configmap = %target, "ConfigMap not read yet; serving anyway (istiod Pods are denied until it is)");
         }
-        store
-    };
+        Ok(store)
+    }
 
-    // --- certificates -----------------------------------------------------
-    let mut ca_pem = None;
-    let mut ca_bundle = None;
-    let certs = if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let files = CertFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        };
-        let (ck, seen) = files.load()?;
-        let store = CertStore::new(ck, metrics.clone());
-        tasks.push(tokio::spawn(files.watch(
-            store.clone(),
-            seen,
-            shutdown.clone(),
-        )));
-        store
-    } else if args.tls_self_signed || !in_cluster() {
+    /// `--tls-cert/--tls-key` (reloaded on change) or a self-signed CA
+    /// (rotated; published to `--ca-out` and, with `--webhook-config`, the
+    /// caBundle). Everything that can fail runs before the CA file is
+    /// written.
+    async fn serving_certificates(&mut self) -> anyhow::Result<Serving> {
+        let args = self.args;
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            let files = CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            let (ck, seen) = files.load()?;
+            let certs = CertStore::new(ck, self.metrics.clone());
+            let tls_config = Arc::new(tls::server_config(
+                certs.clone(),
+                args.client_ca.as_deref(),
+            )?);
+            self.tasks.push(tokio::spawn(files.watch(
+                certs.clone(),
+                seen,
+                self.shutdown.clone(),
+            )));
+            return Ok(Serving {
+                certs,
+                tls_config,
+                ca_pem: None,
+                ca_bundle: None,
+            });
+        }
+        if !args.tls_self_signed && in_cluster() {
+            bail!(
+                "no serving certificate: pass --tls-cert FILE --tls-key FILE, or --tls-self-signed"
+            );
+        }
         let mut names = self_signed::service_names(&args.service_name, &args.namespace);
         names.push("localhost".into());
         let validity = args.self_signed_validity.unwrap_or(SELF_SIGNED_VALIDITY);
         let generated = self_signed::generate(&names, validity)?;
+        let certs = CertStore::new(generated.key.clone(), self.metrics.clone());
+        let tls_config = Arc::new(tls::server_config(
+            certs.clone(),
+            args.client_ca.as_deref(),
+        )?);
+        let client = match &args.webhook_config {
+            Some(_) => Some(kube_client(args, &mut self.kube).await?),
+            None => None,
+        };
         let ca_out = args.ca_out.clone().or_else(|| {
             (!in_cluster()).then(|| {
                 std::env::temp_dir()
@@ -192,118 +302,125 @@ pub async fn start_on(
         if let Some(path) = &ca_out {
             write_public(path, generated.ca_pem.as_bytes())?;
         }
-        let store = CertStore::new(generated.key.clone(), metrics.clone());
-        if let Some(name) = &args.webhook_config {
-            let client = kube_client(&args, &mut kube).await?;
-            let bundle = CaBundle::new(client, name, metrics.clone(), ca_bundle::RESYNC);
-            bundle.require(vec![generated.ca()]);
-            tasks.push(tokio::spawn(bundle.clone().run(shutdown.clone())));
-            ca_bundle = Some(bundle);
-        }
-        ca_pem = Some(generated.ca_pem.clone());
+        let ca_bundle = match (client, &args.webhook_config) {
+            (Some(client), Some(name)) => {
+                let bundle = CaBundle::new(client, name, self.metrics.clone(), ca_bundle::RESYNC);
+                bundle.require(vec![generated.ca()]);
+                self.tasks
+                    .push(tokio::spawn(bundle.clone().run(self.shutdown.clone())));
+                Some(bundle)
+            }
+            _ => None,
+        };
+        let ca_pem = Some(generated.ca_pem.clone());
         let rotation = self_signed::Rotation {
             names,
             validity,
-            certs: store.clone(),
+            certs: certs.clone(),
             bundle: ca_bundle.clone(),
             ca_out,
-            metrics: metrics.clone(),
+            metrics: self.metrics.clone(),
         };
-        tasks.push(tokio::spawn(rotation.run(generated, shutdown.clone())));
-        store
-    } else {
-        bail!("no serving certificate: pass --tls-cert FILE --tls-key FILE, or --tls-self-signed");
-    };
-    let tls_config = Arc::new(tls::server_config(
-        certs.clone(),
-        args.client_ca.as_deref(),
-    )?);
+        self.tasks
+            .push(tokio::spawn(rotation.run(generated, self.shutdown.clone())));
+        Ok(Serving {
+            certs,
+            tls_config,
+            ca_pem,
+            ca_bundle,
+        })
+    }
 
-    // --- listeners --------------------------------------------------------
-    let https_listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
-    let admin_listener = TcpListener::bind(admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {admin_listen} (--admin-listen)"))?;
-    let https_addr = https_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-
-    let serving = Arc::new(AtomicBool::new(true));
-    let https_router = https::router(https::App {
-        config: config.clone(),
-        metrics: metrics.clone(),
-    });
-    let https_shutdown = shutdown.clone();
-    let admin_stop = CancellationToken::new();
-    {
-        let serving = serving.clone();
-        let admin_stop = admin_stop.clone();
-        let drain = args.drain_timeout;
-        let bundle = ca_bundle.clone();
-        tasks.push(tokio::spawn(async move {
-            let not_ready = https_shutdown.clone();
-            let flag = serving.clone();
-            tokio::spawn(async move {
-                not_ready.cancelled().await;
-                flag.store(false, Ordering::Relaxed);
-            });
-            https::serve(
-                https_listener,
-                tls_config,
-                https_router,
-                https_shutdown,
-                drain,
-                workers,
-            )
-            .await;
-            // Nothing can reach this replica any more: stop asking the API
-            // server to trust it (other replicas' CAs stay).
-            if let Some(bundle) = bundle {
-                match tokio::time::timeout(WITHDRAW_TIMEOUT, bundle.withdraw()).await {
-                    Ok(Ok(outcome)) => {
-                        tracing::info!(?outcome, "CA withdrawn from the caBundle")
+    /// The HTTPS server and the admin server on the bound listeners. On
+    /// shutdown HTTPS drains first, then this replica's CA leaves the
+    /// caBundle, then the admin server stops.
+    fn servers(
+        &mut self,
+        bound: Bound,
+        config: Arc<ConfigStore>,
+        serving: Serving,
+        workers: https::Workers,
+    ) -> anyhow::Result<Running> {
+        let https_addr = bound.https.local_addr()?;
+        let admin_addr = bound.admin.local_addr()?;
+        let serving_flag = Arc::new(AtomicBool::new(true));
+        let https_router = https::router(https::App {
+            config: config.clone(),
+            metrics: self.metrics.clone(),
+        });
+        let https_shutdown = self.shutdown.clone();
+        let admin_stop = CancellationToken::new();
+        {
+            let accepting = serving_flag.clone();
+            let admin_stop = admin_stop.clone();
+            let drain = self.args.drain_timeout;
+            let bundle = serving.ca_bundle.clone();
+            let tls_config = serving.tls_config.clone();
+            let listener = bound.https;
+            self.tasks.push(tokio::spawn(async move {
+                let not_ready = https_shutdown.clone();
+                let flag = accepting;
+                tokio::spawn(async move {
+                    not_ready.cancelled().await;
+                    flag.store(false, Ordering::Relaxed);
+                });
+                https::serve(
+                    listener,
+                    tls_config,
+                    https_router,
+                    https_shutdown,
+                    drain,
+                    workers,
+                )
+                .await;
+                // Nothing can reach this replica any more: stop asking the API
+                // server to trust it (other replicas' CAs stay).
+                if let Some(bundle) = bundle {
+                    match tokio::time::timeout(WITHDRAW_TIMEOUT, bundle.withdraw()).await {
+                        Ok(Ok(outcome)) => {
+                            tracing::info!(?outcome, "CA withdrawn from the caBundle")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %format!("{e:#}"), "CA not withdrawn from the caBundle; it is pruned when it expires")
+                        }
+                        Err(_) => tracing::warn!(
+                            "CA withdrawal timed out; it is pruned from the caBundle when it expires"
+                        ),
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %format!("{e:#}"), "CA not withdrawn from the caBundle; it is pruned when it expires")
-                    }
-                    Err(_) => tracing::warn!(
-                        "CA withdrawal timed out; it is pruned from the caBundle when it expires"
-                    ),
                 }
-            }
-            // The admin server outlives the drain so probes see "not ready"
-            // rather than a refused connection while requests finish.
-            admin_stop.cancel();
-        }));
-    }
-    let admin_router = admin::router(admin::Admin {
-        config: config.clone(),
-        metrics: metrics.clone(),
-        serving,
-        ca_bundle: ca_bundle.clone(),
-    });
-    tasks.push(tokio::spawn(admin::serve(
-        admin_listener,
-        admin_router,
-        admin_stop,
-    )));
+                // The admin server outlives the drain so probes see "not ready"
+                // rather than a refused connection while requests finish.
+                admin_stop.cancel();
+            }));
+        }
+        let admin_router = admin::router(admin::Admin {
+            config: config.clone(),
+            metrics: self.metrics.clone(),
+            serving: serving_flag,
+            ca_bundle: serving.ca_bundle.clone(),
+        });
+        self.tasks.push(tokio::spawn(admin::serve(
+            bound.admin,
+            admin_router,
+            admin_stop,
+        )));
 
-    tracing::info!(%https_addr, %admin_addr, "serving");
-    if embedded {
-        print_local_help(https_addr, admin_addr)?;
+        tracing::info!(%https_addr, %admin_addr, "serving");
+        if self.embedded {
+            print_local_help(https_addr, admin_addr)?;
+        }
+        Ok(Running {
+            https_addr,
+            admin_addr,
+            ca_pem: serving.ca_pem,
+            config,
+            metrics: self.metrics.clone(),
+            certs: serving.certs,
+            ca_bundle: serving.ca_bundle,
+            shutdown: self.shutdown.clone(),
+            tasks: std::mem::take(&mut self.tasks),
+        })
     }
-    Ok(Running {
-        https_addr,
-        admin_addr,
-        ca_pem,
-        config,
-        metrics,
-        certs,
-        ca_bundle,
-        shutdown,
-        tasks,
-    })
 }
 
 /// The Kubernetes client, created on first use: `--kube-api URL`

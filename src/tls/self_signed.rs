@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
@@ -71,10 +71,20 @@ pub fn generate(dns_names: &[String], validity: Duration) -> anyhow::Result<Self
 
     let ca_key = KeyPair::generate().context("generating CA key")?;
     let mut ca = CertificateParams::default();
+    // Every replica's CA ends up in one caBundle. OpenSSL takes the first
+    // CA of the bundle that looks like the leaf's issuer and tries no other
+    // (openssl/openssl crypto/x509/x509_lu.c, X509_STORE_CTX_get1_issuer);
+    // "looks like" is the subject name plus, when the leaf carries one, the
+    // authority key identifier (crypto/x509/v3_purp.c, X509_check_issued).
+    // Two CAs of one name without identifiers make it check one replica's
+    // leaf against the other's key. Hence a subject unique per CA key and
+    // key identifiers on both certificates.
+    ca.key_identifier_method = KeyIdMethod::Sha256;
+    ca.use_authority_key_identifier_extension = true;
     let mut dn = DistinguishedName::new();
     dn.push(
         DnType::CommonName,
-        format!("istio-vault-webhook CA {}", now.unix_timestamp()),
+        ca_common_name(replica_name().as_deref(), &ca.key_identifier(&ca_key)),
     );
     ca.distinguished_name = dn;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -97,6 +107,11 @@ pub fn generate(dns_names: &[String], validity: Duration) -> anyhow::Result<Self
         dns_names.first().cloned().unwrap_or_default(),
     );
     leaf.distinguished_name = dn;
+    // rcgen writes a subject key identifier only next to basicConstraints,
+    // so the leaf states CA:FALSE explicitly.
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_identifier_method = KeyIdMethod::Sha256;
+    leaf.use_authority_key_identifier_extension = true;
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.not_before = not_before;
@@ -116,6 +131,45 @@ pub fn generate(dns_names: &[String], validity: Duration) -> anyhow::Result<Self
         not_after,
         validity,
     })
+}
+
+/// RFC 5280's upper bound for a common name (`ub-common-name`).
+const MAX_COMMON_NAME: usize = 64;
+
+/// `istio-vault-webhook CA <replica> <hex>`: the replica says which Pod made
+/// the CA (for whoever reads a caBundle), the hex (the first 8 bytes of the
+/// CA's key identifier, a digest of its freshly generated key) makes the
+/// name unique even for two replicas of one name started in one second.
+fn ca_common_name(replica: Option<&str>, key_id: &[u8]) -> String {
+    const PREFIX: &str = "istio-vault-webhook CA";
+    let hex: String = key_id.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    // The Deployment's Pods are istio-vault-webhook-<hash>-<suffix>: the
+    // prefix already says the first part.
+    let Some(replica) = replica
+        .map(|r| r.strip_prefix("istio-vault-webhook-").unwrap_or(r))
+        .filter(|r| !r.is_empty())
+    else {
+        return format!("{PREFIX} {hex}");
+    };
+    // Keep the end of a long Pod name: Pods of one workload differ in their
+    // hash and random suffix, not in their prefix.
+    let room = MAX_COMMON_NAME.saturating_sub(PREFIX.len() + hex.len() + 2);
+    let tail = &replica[replica.len().saturating_sub(room)..];
+    let tail = tail.trim_start_matches(['-', '.']);
+    format!("{PREFIX} {tail} {hex}")
+}
+
+/// The Pod this process runs in: `POD_NAME` (the downward API) when set,
+/// else the host name, which the kubelet sets to the Pod name. Printable
+/// ASCII only, so the subject stays a plain string.
+fn replica_name() -> Option<String> {
+    let raw = std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name: String = raw.chars().filter(char::is_ascii_graphic).collect();
+    (!name.is_empty()).then_some(name)
 }
 
 /// Rotates a self-signed CA and serving certificate before they expire.
@@ -247,4 +301,78 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
     ));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use x509_parser::extensions::ParsedExtension;
+
+    use super::*;
+
+    #[test]
+    fn common_name_fits_rfc_5280_and_keeps_the_end_of_a_long_pod_name() {
+        let id = [0xab; 20];
+        assert_eq!(
+            ca_common_name(Some("istio-vault-webhook-7d4b9c8f6-abcde"), &id),
+            "istio-vault-webhook CA 7d4b9c8f6-abcde abababababababab"
+        );
+        assert_eq!(
+            ca_common_name(Some("webhook-6f7c9-x2k4p"), &id),
+            "istio-vault-webhook CA webhook-6f7c9-x2k4p abababababababab"
+        );
+        assert_eq!(
+            ca_common_name(None, &id),
+            "istio-vault-webhook CA abababababababab"
+        );
+        let long = format!("{}-7d4b9c8f6-abcde", "x".repeat(80));
+        let cn = ca_common_name(Some(&long), &id);
+        assert_eq!(cn.len(), MAX_COMMON_NAME, "{cn}");
+        assert!(cn.ends_with("x-7d4b9c8f6-abcde abababababababab"), "{cn}");
+        // A cut never leaves the name starting with a separator.
+        let cn = ca_common_name(
+            Some(&format!("a{}-{}", "b".repeat(30), "c".repeat(23))),
+            &id,
+        );
+        assert!(cn.starts_with("istio-vault-webhook CA ccc"), "{cn}");
+        assert!(cn.len() <= MAX_COMMON_NAME, "{cn}");
+    }
+
+    /// (subject, subject key id, authority key id) of a certificate.
+    fn ids(der: &[u8]) -> (String, Option<Vec<u8>>, Option<Vec<u8>>) {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+        let (mut ski, mut aki) = (None, None);
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => ski = Some(k.0.to_vec()),
+                ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    aki = a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => {}
+            }
+        }
+        (cert.subject().to_string(), ski, aki)
+    }
+
+    #[test]
+    fn every_ca_has_its_own_subject_and_leaves_name_their_ca_key() {
+        let names = service_names("svc", "ns");
+        let a = generate(&names, Duration::from_secs(60)).unwrap();
+        let b = generate(&names, Duration::from_secs(60)).unwrap();
+        let (subject_a, ca_ski_a, ca_aki_a) = ids(&a.ca_der);
+        let (subject_b, ..) = ids(&b.ca_der);
+        assert_ne!(subject_a, subject_b);
+        assert!(
+            subject_a.starts_with("CN=istio-vault-webhook CA "),
+            "{subject_a}"
+        );
+        let ca_ski_a = ca_ski_a.expect("CA subject key identifier");
+        assert_eq!(
+            ca_aki_a.as_ref(),
+            Some(&ca_ski_a),
+            "self-signed CA names itself"
+        );
+        let (_, leaf_ski, leaf_aki) = ids(&a.key.cert[0]);
+        assert!(leaf_ski.is_some(), "leaf subject key identifier");
+        assert_eq!(leaf_aki, Some(ca_ski_a), "leaf names its CA's key");
+    }
 }

@@ -574,6 +574,17 @@ pub fn injected_secrets(annotations: &BTreeMap<String, String>) -> Vec<InjectedS
         .collect()
 }
 
+/// `template-static-secret-render-interval`, which vault-k8s copies unparsed
+/// into `template_config.static_secret_render_interval` of both agent
+/// configurations when it is not empty (agent-inject/agent/agent.go `New`,
+/// config.go `newConfig`).
+pub fn render_interval(annotations: &BTreeMap<String, String>) -> Option<String> {
+    annotations
+        .get(&format!("{PREFIX}template-static-secret-render-interval"))
+        .filter(|v| !v.is_empty())
+        .cloned()
+}
+
 /// Where an absolute in-Pod path lands in the test's stand-in for the Pod's
 /// filesystem.
 pub fn host_path(pod_root: &Path, in_pod: &str) -> PathBuf {
@@ -582,8 +593,11 @@ pub fn host_path(pod_root: &Path, in_pod: &str) -> PathBuf {
 
 /// The agent configuration vault-k8s renders (as JSON) for the init container
 /// (`newConfig(init=true)`: `exit_after_auth`, a file sink, one `template` per
-/// secret, `template_config.exit_on_retry_failure` = vault-k8s' default true),
-/// with destinations moved under `pod_root`.
+/// secret with `error_on_missing_key` when its annotation says so,
+/// `template_config.exit_on_retry_failure` = vault-k8s' default true and
+/// `static_secret_render_interval` from [`render_interval`]), with
+/// destinations moved under `pod_root`. [`sidecar_config`] makes it the
+/// sidecar's.
 ///
 /// The one deliberate difference from production: vault-k8s configures
 /// `auto_auth.method "kubernetes"` (mount_path = `auth-path`, config.role =
@@ -594,6 +608,7 @@ pub fn host_path(pod_root: &Path, in_pod: &str) -> PathBuf {
 pub fn agent_config(
     vault_addr: &str,
     secrets: &[InjectedSecret],
+    render_interval: Option<&str>,
     pod_root: &Path,
     token_file: &Path,
     work: &Path,
@@ -616,6 +631,10 @@ pub fn agent_config(
             t
         })
         .collect();
+    let mut template_config = json!({ "exit_on_retry_failure": true });
+    if let Some(interval) = render_interval {
+        template_config["static_secret_render_interval"] = json!(interval);
+    }
     json!({
         "auto_auth": {
             "method": {
@@ -628,21 +647,22 @@ pub fn agent_config(
         "pid_file": work.join(".pid"),
         "vault": { "address": vault_addr },
         "template": templates,
-        "template_config": { "exit_on_retry_failure": true }
+        "template_config": template_config
     })
+}
+
+/// The `vault-agent` sidecar's configuration (`newConfig(init=false)`): the
+/// init container's, but the agent keeps running and re-rendering.
+pub fn sidecar_config(init: &Value) -> Value {
+    let mut config = init.clone();
+    config["exit_after_auth"] = json!(false);
+    config
 }
 
 /// Runs `bao agent -config=<config>` against `dev` until it exits (at most
 /// `AGENT_TIMEOUT`), and panics with the agent's output unless it exits 0.
 pub fn run_agent(dev: &BaoDev, config: &Value, work: &Path) -> Output {
-    let config_path = work.join("agent.json");
-    fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-    let mut cmd = dev.command();
-    // The agent must authenticate through auto_auth, not an inherited token.
-    cmd.env_remove("BAO_TOKEN")
-        .arg("agent")
-        .arg(format!("-config={}", config_path.display()));
-    let out = run_with_timeout(cmd, None, work, AGENT_TIMEOUT);
+    let out = run_agent_to_exit(dev, config, work);
     assert!(
         out.status.success(),
         "bao agent failed\n{}\n--- agent config ---\n{}\n--- server log ---\n{}",
@@ -651,6 +671,38 @@ pub fn run_agent(dev: &BaoDev, config: &Value, work: &Path) -> Output {
         dev.server_log()
     );
     out
+}
+
+/// `bao agent -config=<config>` against `dev`, as [`run_agent`] runs it,
+/// whatever its exit status.
+pub fn run_agent_to_exit(dev: &BaoDev, config: &Value, work: &Path) -> Output {
+    run_with_timeout(agent_command(dev, config, work), None, work, AGENT_TIMEOUT)
+}
+
+/// Starts `bao agent` (a sidecar: it runs until killed) with its output in
+/// `work/sidecar.log`; killed when the guard is dropped.
+pub fn spawn_agent(dev: &BaoDev, config: &Value, work: &Path) -> (ChildGuard, PathBuf) {
+    let log = work.join("sidecar.log");
+    let out = fs::File::create(&log).expect("creating the sidecar log");
+    let err = out.try_clone().expect("cloning the sidecar log handle");
+    let mut cmd = agent_command(dev, config, work);
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start bao agent: {e}"));
+    (ChildGuard::new(child), log)
+}
+
+fn agent_command(dev: &BaoDev, config: &Value, work: &Path) -> Command {
+    let n = LOG_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let config_path = work.join(format!("agent-{n}.json"));
+    fs::write(&config_path, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+    let mut cmd = dev.command();
+    // The agent must authenticate through auto_auth, not an inherited token.
+    cmd.env_remove("BAO_TOKEN")
+        .arg("agent")
+        .arg(format!("-config={}", config_path.display()));
+    cmd
 }
 
 /// All regular files under `root`, as paths relative to it.
