@@ -37,7 +37,10 @@ const WEBHOOK: &str = env!("CARGO_BIN_EXE_istio-vault-webhook");
 
 fn main() {
     // `cargo bench` passes `--bench`; criterion-style filters are not used here.
-    let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let n: usize = std::env::var("N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     let warmup = (n / 10).max(10);
 
     let cp = ControlPlane::start("bench");
@@ -62,20 +65,31 @@ fn main() {
         ]);
     }
 
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pods/istiod.json");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pods/istiod.json");
     let mut pod: Value = serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
-    for field in ["managedFields", "uid", "resourceVersion", "creationTimestamp", "namespace"] {
+    for field in [
+        "managedFields",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "namespace",
+    ] {
         pod["metadata"].as_object_mut().unwrap().remove(field);
     }
     pod.as_object_mut().unwrap().remove("status");
     let pod: Pod = serde_json::from_value(pod).unwrap();
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (with, without) = runtime.block_on(async {
         let kubeconfig = Kubeconfig::read_from(&cp.admin_kubeconfig).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .unwrap();
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .unwrap();
         let client = kube::Client::try_from(config).unwrap();
         let with_api: Api<Pod> = Api::namespaced(client.clone(), "with-webhook");
         let without_api: Api<Pod> = Api::namespaced(client, "without-webhook");
@@ -88,9 +102,15 @@ fn main() {
         // The webhook's patch must really be in the path being measured.
         let (_, created) = create(&with_api).await;
         let annotations = created.metadata.annotations.unwrap_or_default();
-        assert_eq!(annotations.get("istio-vault-webhook/profile").map(String::as_str), Some("istiod"));
+        assert_eq!(
+            annotations
+                .get("istio-vault-webhook/profile")
+                .map(String::as_str),
+            Some("istiod")
+        );
         let (_, created) = create(&without_api).await;
-        assert!(created.metadata.annotations.unwrap_or_default().get("istio-vault-webhook/profile").is_none());
+        let annotations = created.metadata.annotations.unwrap_or_default();
+        assert!(!annotations.contains_key("istio-vault-webhook/profile"));
 
         for _ in 0..warmup {
             create(&with_api).await;
@@ -106,10 +126,24 @@ fn main() {
 
     let with = Percentiles::of(with);
     let without = Percentiles::of(without);
-    println!("Pod CREATE through kube-apiserver, N={n} each (after {warmup} warm-up), istiod chart Pod:");
+    println!(
+        "Pod CREATE through kube-apiserver, N={n} each (after {warmup} warm-up), istiod chart Pod:"
+    );
     println!("  {:<28} {:>9} {:>9} {:>9}", "", "p50", "p90", "p99");
-    println!("  {:<28} {:>9} {:>9} {:>9}", "without webhook (baseline)", ms(without.p50), ms(without.p90), ms(without.p99));
-    println!("  {:<28} {:>9} {:>9} {:>9}", "with istio-vault-webhook", ms(with.p50), ms(with.p90), ms(with.p99));
+    println!(
+        "  {:<28} {:>9} {:>9} {:>9}",
+        "without webhook (baseline)",
+        ms(without.p50),
+        ms(without.p90),
+        ms(without.p99)
+    );
+    println!(
+        "  {:<28} {:>9} {:>9} {:>9}",
+        "with istio-vault-webhook",
+        ms(with.p50),
+        ms(with.p90),
+        ms(with.p99)
+    );
     println!(
         "  {:<28} {:>9} {:>9} {:>9}",
         "added",
@@ -133,7 +167,9 @@ struct Percentiles {
 impl Percentiles {
     fn of(mut samples: Vec<Duration>) -> Self {
         samples.sort();
-        let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+        let at = |q: f64| {
+            samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
         Self {
             p50: at(0.50),
             p90: at(0.90),

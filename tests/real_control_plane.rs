@@ -136,12 +136,24 @@ fn assert_guard_type_checks(cp: &ControlPlane) {
     loop {
         let vap = cp.get_json(&["validatingadmissionpolicy", name]);
         if let Some(checked) = vap["status"].get("typeChecking") {
-            let warnings = checked["expressionWarnings"].as_array().cloned().unwrap_or_default();
-            assert!(warnings.is_empty(), "the guard's CEL does not type-check: {warnings:#?}");
-            assert_eq!(vap["status"]["observedGeneration"], vap["metadata"]["generation"]);
+            let warnings = checked["expressionWarnings"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                warnings.is_empty(),
+                "the guard's CEL does not type-check: {warnings:#?}"
+            );
+            assert_eq!(
+                vap["status"]["observedGeneration"],
+                vap["metadata"]["generation"]
+            );
             return;
         }
-        assert!(Instant::now() < deadline, "{name} was never type-checked: {vap}");
+        assert!(
+            Instant::now() < deadline,
+            "{name} was never type-checked: {vap}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -150,7 +162,10 @@ fn assert_guard_type_checks(cp: &ControlPlane) {
 fn apply_istio_crds(cp: &ControlPlane) {
     let crds = istio_source().join("manifests/charts/base/files/crd-all.gen.yaml");
     let text = fs::read_to_string(&crds).unwrap_or_else(|e| panic!("{}: {e}", crds.display()));
-    let out = cp.kubectl_output(&["apply", "--server-side", "-f", "-"], Some(text.as_bytes()));
+    let out = cp.kubectl_output(
+        &["apply", "--server-side", "-f", "-"],
+        Some(text.as_bytes()),
+    );
     assert!(out.status.success(), "Istio CRDs:\n{}", out.describe());
 }
 
@@ -223,7 +238,9 @@ impl Injector {
         fs::write(sa.join("token"), token).unwrap();
         fs::write(sa.join("ca.crt"), &cp.ca.cert_pem).unwrap();
         fs::write(sa.join("namespace"), namespace).unwrap();
-        let serving = cp.ca.serving(&["127.0.0.1", "vault-agent-injector-svc.vault.svc"]);
+        let serving = cp
+            .ca
+            .serving(&["127.0.0.1", "vault-agent-injector-svc.vault.svc"]);
         fs::write(dir.join("tls.crt"), &serving.cert_pem).unwrap();
         fs::write(dir.join("tls.key"), &serving.key_pem).unwrap();
 
@@ -245,7 +262,11 @@ impl Injector {
         let scratch = dir.join("sandbox");
         let command = Box::new(move || sandbox.command(&scratch, &argv));
         let process = Process::spawn("vault-k8s", command(), &cp.dir);
-        let mut injector = Self { process, command, port };
+        let mut injector = Self {
+            process,
+            command,
+            port,
+        };
         injector.wait_ready();
 
         // The chart's injector-mutating-webhook.yaml, caBundle filled as its cert source would.
@@ -281,7 +302,13 @@ impl Injector {
 
 /// `manifests/vault/setup.sh CLUSTER` against the dev server, as the README tells an admin to run
 /// it, with the cluster's intermediate and the gateway's TLS files stored byte for byte.
-fn setup_vault(cp: &ControlPlane, bao: &BaoDev, cluster: &str, ca: &Intermediate, tls: &Intermediate) {
+fn setup_vault(
+    cp: &ControlPlane,
+    bao: &BaoDev,
+    cluster: &str,
+    ca: &Intermediate,
+    tls: &Intermediate,
+) {
     let write_dir = |name: &str, files: &BTreeMap<&str, String>| {
         let dir = cp.dir.join(name);
         fs::create_dir_all(&dir).unwrap();
@@ -303,7 +330,11 @@ fn setup_vault(cp: &ControlPlane, bao: &BaoDev, cluster: &str, ca: &Intermediate
         .env("GATEWAY_TLS_DIR", &tls_dir)
         .env("HOME", &cp.dir);
     let out = run_with_timeout(cmd, None, &cp.dir, Duration::from_secs(60));
-    assert!(out.status.success(), "setup.sh {cluster}:\n{}", out.describe());
+    assert!(
+        out.status.success(),
+        "setup.sh {cluster}:\n{}",
+        out.describe()
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -315,7 +346,12 @@ fn pod_fixture(path: &str) -> Value {
     let mut pod: Value = serde_json::from_slice(&fs::read(repo(path)).unwrap()).unwrap();
     // Written by the API server itself; a client that sends them is overruled anyway.
     let meta = pod["metadata"].as_object_mut().unwrap();
-    for field in ["managedFields", "uid", "resourceVersion", "creationTimestamp"] {
+    for field in [
+        "managedFields",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+    ] {
         meta.remove(field);
     }
     pod.as_object_mut().unwrap().remove("status");
@@ -360,16 +396,30 @@ fn assert_injected_istiod(pod: &Value) {
         ("vault.hashicorp.com/agent-inject-status", "injected"),
     ];
     for (key, value) in expect {
-        assert_eq!(a.get(key).map(String::as_str), Some(value), "{key} in {a:#?}");
+        assert_eq!(
+            a.get(key).map(String::as_str),
+            Some(value),
+            "{key} in {a:#?}"
+        );
     }
-    for file in ["ca-key.pem", "ca-cert.pem", "root-cert.pem", "cert-chain.pem"] {
+    for file in [
+        "ca-key.pem",
+        "ca-cert.pem",
+        "root-cert.pem",
+        "cert-chain.pem",
+    ] {
         assert_eq!(
             a[&format!("vault.hashicorp.com/agent-inject-secret-{file}")],
             "kubernetes-cluster1-secrets/istiod-service/certs"
         );
     }
     // agent-init-first: vault-agent-init runs before any other init container.
-    assert_eq!(container_names(pod, "initContainers").first().map(String::as_str), Some("vault-agent-init"));
+    assert_eq!(
+        container_names(pod, "initContainers")
+            .first()
+            .map(String::as_str),
+        Some("vault-agent-init")
+    );
     // rotation: sidecar -> the agent keeps running beside istiod.
     assert!(container_names(pod, "containers").contains(&"vault-agent".to_string()));
     let discovery = pod["spec"]["containers"]
@@ -384,7 +434,11 @@ fn assert_injected_istiod(pod: &Value) {
     assert_eq!(root_ca_dir[0]["value"], SECRETS);
     // vault-k8s mounts the secrets volume into every container present when it runs.
     assert!(
-        discovery["volumeMounts"].as_array().unwrap().iter().any(|m| m["mountPath"] == SECRETS),
+        discovery["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == SECRETS),
         "discovery does not mount {SECRETS}: {discovery}"
     );
 }
@@ -394,10 +448,18 @@ fn assert_injected_gateway(pod: &Value) {
     assert_eq!(a["istio-vault-webhook/profile"], "ingressgateway");
     assert_eq!(a["vault.hashicorp.com/role"], "istio-ingressgateway");
     assert_eq!(a["vault.hashicorp.com/agent-inject-status"], "injected");
-    assert_eq!(container_names(pod, "initContainers").first().map(String::as_str), Some("vault-agent-init"));
+    assert_eq!(
+        container_names(pod, "initContainers")
+            .first()
+            .map(String::as_str),
+        Some("vault-agent-init")
+    );
     for c in pod["spec"]["containers"].as_array().unwrap() {
         let env = c["env"].as_array().into_iter().flatten();
-        assert!(!env.clone().any(|e| e["name"] == "ROOT_CA_DIR"), "gateway got ROOT_CA_DIR: {c}");
+        assert!(
+            !env.clone().any(|e| e["name"] == "ROOT_CA_DIR"),
+            "gateway got ROOT_CA_DIR: {c}"
+        );
     }
 }
 
@@ -439,7 +501,12 @@ fn assert_rendered(pod: &PodFiles, expected: &BTreeMap<&str, String>) {
         .collect();
     found.sort();
     let want: Vec<String> = expected.keys().map(|k| k.to_string()).collect();
-    assert_eq!(found, want, "files rendered into {SECRETS} of {}", pod.name());
+    assert_eq!(
+        found,
+        want,
+        "files rendered into {SECRETS} of {}",
+        pod.name()
+    );
     for (file, text) in expected {
         let got = fs::read(volume.join(file)).unwrap();
         assert!(
@@ -465,7 +532,10 @@ struct Istiod {
 /// What istiod logs for a plugged-in CA, and for the self-signed fallback
 /// (istio/istio pilot/pkg/bootstrap/istio_ca.go, createIstioCA and
 /// createSelfSignedCACertificateOptions).
-const PLUGGED_IN: [&str; 2] = ["Using istiod file format for signing ca files", "Use local CA certificate"];
+const PLUGGED_IN: [&str; 2] = [
+    "Using istiod file format for signing ca files",
+    "Use local CA certificate",
+];
 const SELF_SIGNED: [&str; 3] = [
     "Use self-signed certificate as the CA certificate",
     "Use local self-signed CA certificate for testing",
@@ -476,7 +546,10 @@ impl Istiod {
     fn start(cp: &ControlPlane, pod: &PodFiles) -> Self {
         let secure_grpc = free_port();
         // The image's entrypoint is /usr/local/bin/pilot-discovery; the chart gives only args.
-        let mut argv = pod.argv("discovery", &[&peer("pilot-discovery").display().to_string()]);
+        let mut argv = pod.argv(
+            "discovery",
+            &[&peer("pilot-discovery").display().to_string()],
+        );
         argv.extend([
             format!("--kubeconfig={}", cp.admin_kubeconfig.display()),
             format!("--httpAddr=127.0.0.1:{}", free_port()),
@@ -502,13 +575,25 @@ impl Istiod {
         }
         let log = self.process.log_text();
         for line in SELF_SIGNED {
-            assert!(!log.contains(line), "istiod fell back to a self-signed CA ({line:?}):\n{}", self.process.tail());
+            assert!(
+                !log.contains(line),
+                "istiod fell back to a self-signed CA ({line:?}):\n{}",
+                self.process.tail()
+            );
         }
 
         let deadline = Instant::now() + READY;
         let published = loop {
             let out = cp.kubectl_output(
-                &["get", "configmap", "istio-ca-root-cert", "-n", "istio-system", "-o", "json"],
+                &[
+                    "get",
+                    "configmap",
+                    "istio-ca-root-cert",
+                    "-n",
+                    "istio-system",
+                    "-o",
+                    "json",
+                ],
                 None,
             );
             if out.status.success() {
@@ -516,10 +601,18 @@ impl Istiod {
                 break str_at(&cm["data"], "root-cert.pem");
             }
             self.process.assert_running();
-            assert!(Instant::now() < deadline, "no istio-ca-root-cert ConfigMap:\n{}", self.process.tail());
+            assert!(
+                Instant::now() < deadline,
+                "no istio-ca-root-cert ConfigMap:\n{}",
+                self.process.tail()
+            );
             std::thread::sleep(Duration::from_millis(500));
         };
-        assert_eq!(published.trim(), root.cert_pem.trim(), "istio-ca-root-cert is not the Vault root");
+        assert_eq!(
+            published.trim(),
+            root.cert_pem.trim(),
+            "istio-ca-root-cert is not the Vault root"
+        );
 
         wait_for_port(addr(self.secure_grpc), &mut self.process, READY);
         let served = served_chain(self.secure_grpc, &cp.dir);
@@ -536,7 +629,8 @@ impl Istiod {
         fs::write(dir.join("root.pem"), &root.cert_pem).unwrap();
         let verify = |untrusted: bool| {
             let mut cmd = Command::new("openssl");
-            cmd.current_dir(&dir).args(["verify", "-CAfile", "root.pem"]);
+            cmd.current_dir(&dir)
+                .args(["verify", "-CAfile", "root.pem"]);
             if untrusted {
                 cmd.args(["-untrusted", "untrusted.pem"]);
             }
@@ -577,7 +671,11 @@ fn served_chain(port: u16, dir: &Path) -> Vec<String> {
         certs.push(format!("{}\n", &rest[start..end]));
         rest = &rest[end..];
     }
-    assert!(!certs.is_empty(), "openssl s_client got no certificate:\n{}", out.describe());
+    assert!(
+        !certs.is_empty(),
+        "openssl s_client got no certificate:\n{}",
+        out.describe()
+    );
     certs
 }
 
@@ -592,7 +690,10 @@ fn pem_body(pem: &str) -> String {
 /// `kubectl create --dry-run=server`: every webhook and policy runs, nothing is stored.
 fn try_create(cp: &ControlPlane, pod: &Value) -> Result<Value, String> {
     let body = serde_json::to_vec(pod).unwrap();
-    let out = cp.kubectl_output(&["create", "--dry-run=server", "-o", "json", "-f", "-"], Some(&body));
+    let out = cp.kubectl_output(
+        &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+        Some(&body),
+    );
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).unwrap())
     } else {
@@ -614,42 +715,82 @@ fn named_pod(fixture: &str, name: &str, namespace: &str) -> Value {
 /// neither an unrelated Pod in an opted-in namespace nor an istiod Pod in a namespace that did
 /// not opt in appears in its admission log, while a probe istiod Pod does.
 fn never_sent_to_us(cp: &ControlPlane, webhook: &mut Process) {
-    cp.apply(&[json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "not-opted-in"}})]);
+    cp.apply(&[
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "not-opted-in"}}),
+    ]);
     create_service_account(cp, "not-opted-in", "istiod", false);
-    let unrelated = named_pod("tests/fixtures/pods/unrelated.json", "unrelated-probe", "istio-system");
+    create_service_account(cp, "istio-system", "default", false);
+    let unrelated = named_pod(
+        "tests/fixtures/pods/unrelated.json",
+        "unrelated-probe",
+        "istio-system",
+    );
     try_create(cp, &unrelated).expect("an unrelated Pod is admitted");
-    let elsewhere = named_pod("tests/fixtures/pods/istiod.json", "istiod-elsewhere-probe", "not-opted-in");
-    let admitted = try_create(cp, &elsewhere).expect("istiod outside opted-in namespaces is left alone");
+    let elsewhere = named_pod(
+        "tests/fixtures/pods/istiod.json",
+        "istiod-elsewhere-probe",
+        "not-opted-in",
+    );
+    let admitted =
+        try_create(cp, &elsewhere).expect("istiod outside opted-in namespaces is left alone");
     assert!(!annotations(&admitted).contains_key("istio-vault-webhook/profile"));
-    let probe = named_pod("tests/fixtures/pods/istiod.json", "istiod-probe", "istio-system");
+    let probe = named_pod(
+        "tests/fixtures/pods/istiod.json",
+        "istiod-probe",
+        "istio-system",
+    );
     try_create(cp, &probe).expect("an istiod Pod is admitted");
     webhook.wait_for_log("istiod-probe", READY);
     let log = webhook.log_text();
     for name in ["unrelated-probe", "istiod-elsewhere-probe"] {
-        assert!(!log.contains(name), "{name} was sent to the webhook:\n{}", webhook.tail());
+        assert!(
+            !log.contains(name),
+            "{name} was sent to the webhook:\n{}",
+            webhook.tail()
+        );
     }
 }
 
 /// Each way the chain can break refuses istiod, each with a message that says why.
 fn refusals(cp: &ControlPlane, webhook: &mut Process, injector: &mut Injector) {
-    let istiod = named_pod("tests/fixtures/pods/istiod.json", "istiod-refusal-probe", "istio-system");
+    let istiod = named_pod(
+        "tests/fixtures/pods/istiod.json",
+        "istiod-refusal-probe",
+        "istio-system",
+    );
     let guard = "istiod Pod was not injected by the Vault Agent Injector";
 
     // A later mutating webhook strips ROOT_CA_DIR: the guard refuses, naming the variable.
     let mut stripper = start_root_ca_dir_stripper(cp);
     let why = refused_eventually(cp, &istiod, "does not end with ROOT_CA_DIR=/vault/secrets");
     assert!(why.contains("ValidatingAdmissionPolicy"), "{why}");
-    cp.kubectl(&["delete", "mutatingwebhookconfiguration", "zz-strip-root-ca-dir"]);
+    cp.kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "zz-strip-root-ca-dir",
+    ]);
     stripper.stop();
     admitted_eventually(cp, &istiod);
 
     // The ConfigMap deleted: the webhook itself refuses, fail closed.
-    cp.kubectl(&["delete", "configmap", "istio-vault-webhook", "-n", "istio-vault-webhook"]);
+    cp.kubectl(&[
+        "delete",
+        "configmap",
+        "istio-vault-webhook",
+        "-n",
+        "istio-vault-webhook",
+    ]);
     let why = refused_eventually(cp, &istiod, "no valid config is loaded");
-    assert!(why.contains("istio-vault-webhook: refusing istiod Pod"), "{why}");
+    assert!(
+        why.contains("istio-vault-webhook: refusing istiod Pod"),
+        "{why}"
+    );
     // ... and admitted again once it is back (the watch picks it up, no restart).
     let objects = shipped_manifests(cp, 0);
-    let config: Vec<Value> = objects.into_iter().filter(|o| o["kind"] == "ConfigMap").collect();
+    let config: Vec<Value> = objects
+        .into_iter()
+        .filter(|o| o["kind"] == "ConfigMap")
+        .collect();
     cp.apply(&config);
     admitted_eventually(cp, &istiod);
 
@@ -663,11 +804,19 @@ fn refusals(cp: &ControlPlane, webhook: &mut Process, injector: &mut Injector) {
 
     // The webhook down: failurePolicy Fail.
     webhook.stop();
-    refused_eventually(cp, &istiod, "failed calling webhook \"pods.istio-vault-webhook.svc\"");
+    refused_eventually(
+        cp,
+        &istiod,
+        "failed calling webhook \"pods.istio-vault-webhook.svc\"",
+    );
 
     // Our configuration deleted: nothing adds the Vault annotations, the injector skips the Pod,
     // the guard refuses it.
-    cp.kubectl(&["delete", "mutatingwebhookconfiguration", "istio-vault-webhook"]);
+    cp.kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "istio-vault-webhook",
+    ]);
     refused_eventually(cp, &istiod, guard);
 }
 
@@ -718,7 +867,10 @@ fn refused_eventually(cp: &ControlPlane, pod: &Value, needle: &str) -> String {
             Err(e) => e,
             Ok(_) => "admitted".to_string(),
         };
-        assert!(Instant::now() < deadline, "expected a refusal with {needle:?}, last: {last}");
+        assert!(
+            Instant::now() < deadline,
+            "expected a refusal with {needle:?}, last: {last}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -727,8 +879,13 @@ fn admitted_eventually(cp: &ControlPlane, pod: &Value) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match try_create(cp, pod) {
-            Ok(p) if annotations(&p).get("vault.hashicorp.com/agent-inject-status").is_some() => return,
-            other => assert!(Instant::now() < deadline, "istiod not admitted injected: {other:?}"),
+            Ok(p) if annotations(&p).contains_key("vault.hashicorp.com/agent-inject-status") => {
+                return;
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "istiod not admitted injected: {other:?}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -200,6 +200,7 @@ pub struct ControlPlane {
     pub ca_file: PathBuf,
     pub port: u16,
     pub admin_kubeconfig: PathBuf,
+    controller_manager: Option<Process>,
     pub apiserver: Process,
     /// Dropped after the API server (fields drop in order).
     _etcd: Process,
@@ -209,10 +210,13 @@ pub struct ControlPlane {
 impl Drop for ControlPlane {
     /// A failed test keeps its directory (every process log is there) and says where.
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Some(tmp) = self.tmp.take() {
-                eprintln!("kept the control plane's directory for inspection: {}", tmp.keep().display());
-            }
+        if std::thread::panicking()
+            && let Some(tmp) = self.tmp.take()
+        {
+            eprintln!(
+                "kept the control plane's directory for inspection: {}",
+                tmp.keep().display()
+            );
         }
     }
 }
@@ -236,7 +240,9 @@ impl ControlPlane {
             .arg(format!(
                 "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
             ))
-            .arg(format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"))
+            .arg(format!(
+                "--initial-cluster=default=http://127.0.0.1:{peer_port}"
+            ))
             .arg("--unsafe-no-fsync=true")
             .arg("--log-level=warn");
         let mut etcd = Process::spawn("etcd", etcd, &dir);
@@ -289,7 +295,10 @@ impl ControlPlane {
                 sa_key.display()
             ))
             // Where the API server would otherwise write self-signed certificates.
-            .arg(format!("--cert-dir={}", dir.join("apiserver-certs").display()));
+            .arg(format!(
+                "--cert-dir={}",
+                dir.join("apiserver-certs").display()
+            ));
         let apiserver = Process::spawn("kube-apiserver", api, &dir);
 
         let admin_kubeconfig = dir.join("admin.kubeconfig");
@@ -305,6 +314,7 @@ impl ControlPlane {
             ca_file,
             port,
             admin_kubeconfig,
+            controller_manager: None,
             apiserver,
             _etcd: etcd,
             tmp: Some(tmp),
@@ -326,6 +336,14 @@ impl ControlPlane {
             );
             std::thread::sleep(Duration::from_millis(300));
         }
+        // kube-controller-manager with one controller: the ValidatingAdmissionPolicy type
+        // checker, which reports CEL problems in status.typeChecking (the API server does not).
+        let mut kcm = Command::new(peer("kube-controller-manager"));
+        kcm.arg(format!("--kubeconfig={}", this.admin_kubeconfig.display()))
+            .arg("--controllers=validatingadmissionpolicy-status-controller")
+            .arg("--leader-elect=false")
+            .arg("--secure-port=0");
+        this.controller_manager = Some(Process::spawn("kube-controller-manager", kcm, &this.dir));
         this
     }
 
@@ -382,7 +400,13 @@ impl ControlPlane {
 
     /// A ServiceAccount token from the TokenRequest API (`kubectl create token`), optionally
     /// bound to a Pod and for other audiences than the API server's.
-    pub fn token(&self, namespace: &str, sa: &str, pod: Option<&str>, audience: Option<&str>) -> String {
+    pub fn token(
+        &self,
+        namespace: &str,
+        sa: &str,
+        pod: Option<&str>,
+        audience: Option<&str>,
+    ) -> String {
         let mut args = vec!["create", "token", sa, "-n", namespace, "--duration=1h"];
         let bound;
         if let Some(pod) = pod {
@@ -401,7 +425,12 @@ impl ControlPlane {
     pub fn service_account_kubeconfig(&self, namespace: &str, sa: &str) -> PathBuf {
         let token = self.token(namespace, sa, None, None);
         let path = self.dir.join(format!("{namespace}-{sa}.kubeconfig"));
-        write_kubeconfig(&path, self.port, &self.ca.cert_pem, Credentials::Token(&token));
+        write_kubeconfig(
+            &path,
+            self.port,
+            &self.ca.cert_pem,
+            Credentials::Token(&token),
+        );
         path
     }
 }
@@ -435,13 +464,16 @@ pub fn write_kubeconfig(path: &Path, port: u16, ca_pem: &str, credentials: Crede
         .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
+/// kubectl with `kubeconfig`; its output is kept in `<dir>/kubectl/`.
 pub fn kubectl_with(kubeconfig: &Path, dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let logs = dir.join("kubectl");
+    fs::create_dir_all(&logs).unwrap();
     let mut cmd = Command::new(peer("kubectl"));
     cmd.args(args)
         .env("KUBECONFIG", kubeconfig)
         .env("HOME", dir)
         .current_dir(dir);
-    run_with_timeout(cmd, stdin, dir, KUBECTL_TIMEOUT)
+    run_with_timeout(cmd, stdin, &logs, KUBECTL_TIMEOUT)
 }
 
 /// `kubectl kustomize DIR` with the pinned kubectl, parsed into objects.
@@ -449,7 +481,12 @@ pub fn kustomize(dir: &Path, scratch: &Path) -> Vec<Value> {
     let mut cmd = Command::new(peer("kubectl"));
     cmd.arg("kustomize").arg(dir).env("HOME", scratch);
     let out = run_with_timeout(cmd, None, scratch, KUBECTL_TIMEOUT);
-    assert!(out.status.success(), "kubectl kustomize {}\n{}", dir.display(), out.describe());
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}\n{}",
+        dir.display(),
+        out.describe()
+    );
     yaml_documents(&String::from_utf8_lossy(&out.stdout))
 }
 

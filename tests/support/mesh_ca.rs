@@ -58,7 +58,10 @@ impl Root {
         let mut dn = params.distinguished_name.clone();
         dn.push(DnType::LocalityName, cluster);
         params.distinguished_name = dn;
-        let cert_pem = params.signed_by(&key, &self.issuer).expect("intermediate").pem();
+        let cert_pem = params
+            .signed_by(&key, &self.issuer)
+            .expect("intermediate")
+            .pem();
         Intermediate {
             cert_pem,
             key_pem: key.serialize_pem(),
@@ -74,7 +77,10 @@ impl Intermediate {
             ("ca-key.pem", self.key_pem.clone()),
             ("ca-cert.pem", self.cert_pem.clone()),
             ("root-cert.pem", self.root_pem.clone()),
-            ("cert-chain.pem", format!("{}{}", self.cert_pem, self.root_pem)),
+            (
+                "cert-chain.pem",
+                format!("{}{}", self.cert_pem, self.root_pem),
+            ),
         ])
     }
 

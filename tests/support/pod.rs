@@ -86,8 +86,17 @@ impl Sandbox {
     pub fn command(&self, scratch: &Path, argv: &[String]) -> Command {
         fs::create_dir_all(scratch).unwrap_or_else(|e| panic!("{}: {e}", scratch.display()));
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c", SANDBOX_SCRIPT, "sandbox"])
-            .arg(scratch);
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            SANDBOX_SCRIPT,
+            "sandbox",
+        ])
+        .arg(scratch);
         for (host, inside) in &self.mounts {
             cmd.arg(host).arg(inside);
         }
@@ -134,7 +143,8 @@ impl PodFiles {
                         write_items(&path, cm, &config_map_data(cp, &namespace, cm));
                     } else if let Some(d) = source.get("downwardAPI") {
                         for item in d["items"].as_array().into_iter().flatten() {
-                            let value = field_ref(&pod, str_at(&item["fieldRef"], "fieldPath").as_str());
+                            let value =
+                                field_ref(&pod, str_at(&item["fieldRef"], "fieldPath").as_str());
                             fs::write(path.join(str_at(item, "path")), value).unwrap();
                         }
                     } else {
@@ -142,7 +152,14 @@ impl PodFiles {
                     }
                 }
             } else if let Some(secret) = volume.get("secret") {
-                let data = object_data(cp, &namespace, "secret", &str_at(secret, "secretName"), secret, true);
+                let data = object_data(
+                    cp,
+                    &namespace,
+                    "secret",
+                    &str_at(secret, "secretName"),
+                    secret,
+                    true,
+                );
                 write_items(&path, secret, &data);
             } else if let Some(cm) = volume.get("configMap") {
                 write_items(&path, cm, &config_map_data(cp, &namespace, cm));
@@ -197,7 +214,10 @@ impl PodFiles {
             }
             sandbox = sandbox.mount(host, &str_at(mount, "mountPath"));
         }
-        assert!(container.get("envFrom").is_none(), "{name}: envFrom is not supported here");
+        assert!(
+            container.get("envFrom").is_none(),
+            "{name}: envFrom is not supported here"
+        );
         sandbox = sandbox
             .env("HOSTNAME", self.name())
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")

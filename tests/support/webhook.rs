@@ -14,7 +14,10 @@ const READY: Duration = Duration::from_secs(120);
 /// `kubectl kustomize manifests/overlays/cluster1`, with the one change the lack of kube-proxy
 /// forces: our webhook is called at `https://127.0.0.1:<port>/mutate`.
 pub fn shipped_manifests(cp: &ControlPlane, webhook_port: u16) -> Vec<Value> {
-    let mut objects = kustomize(&Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/overlays/cluster1"), &cp.dir);
+    let mut objects = kustomize(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/overlays/cluster1"),
+        &cp.dir,
+    );
     let mut rewritten = 0;
     for object in &mut objects {
         if object["kind"] == "MutatingWebhookConfiguration" {
@@ -62,11 +65,18 @@ pub fn start_webhook(cp: &ControlPlane, port: u16, bin: &str) -> Process {
     let deadline = Instant::now() + READY;
     loop {
         let mwc = cp.get_json(&["mutatingwebhookconfiguration", "istio-vault-webhook"]);
-        if mwc["webhooks"][0]["clientConfig"]["caBundle"].as_str().is_some_and(|b| !b.is_empty()) {
+        if mwc["webhooks"][0]["clientConfig"]["caBundle"]
+            .as_str()
+            .is_some_and(|b| !b.is_empty())
+        {
             break;
         }
         webhook.assert_running();
-        assert!(Instant::now() < deadline, "no caBundle written:\n{}", webhook.tail());
+        assert!(
+            Instant::now() < deadline,
+            "no caBundle written:\n{}",
+            webhook.tail()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     webhook
