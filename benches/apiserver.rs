@@ -45,7 +45,7 @@ fn main() {
 
     let cp = ControlPlane::start("bench");
     let port = free_port();
-    let objects: Vec<Value> = shipped_manifests(&cp, port)
+    let objects: Vec<Value> = shipped_manifests(&cp, "cluster1", port)
         .into_iter()
         .filter(|o| o["kind"] != "ValidatingAdmissionPolicyBinding")
         .collect();

@@ -26,6 +26,11 @@
 #                                 stored byte for byte at <mount>/istiod-service/certs
 #   GATEWAY_TLS_DIR               optional: tls.crt, tls.key, ca.crt; stored at
 #                                 <mount>/ingressgateway/certs
+#   SECRET_TTL                    default 1h: stored as the `ttl` key beside the files. On KV v1
+#                                 it is how often the Vault agent sidecar re-reads the secret
+#                                 (about 90% of it; without it: the mount's lease TTL, 768h by
+#                                 default, so a rotated intermediate would take a month to
+#                                 arrive). The templates read only their own keys. Empty: none.
 #   VAULT_CLI                     default vault
 set -euo pipefail
 
@@ -86,19 +91,23 @@ fi
 
 # Key names are the ones the ConfigMaps' `files` map reads. `@file` stores the bytes unchanged,
 # and the webhook's templates render them unchanged.
+ttl=()
+if [ -n "${SECRET_TTL-1h}" ]; then
+  ttl=(ttl="${SECRET_TTL-1h}")
+fi
 if [ -n "${ISTIOD_CA_DIR:-}" ]; then
   "$cli" write "$kv_mount/istiod-service/certs" \
     ca_key=@"$ISTIOD_CA_DIR/ca-key.pem" \
     ca_cert=@"$ISTIOD_CA_DIR/ca-cert.pem" \
     root_cert=@"$ISTIOD_CA_DIR/root-cert.pem" \
-    cert_chain=@"$ISTIOD_CA_DIR/cert-chain.pem" >/dev/null
+    cert_chain=@"$ISTIOD_CA_DIR/cert-chain.pem" "${ttl[@]}" >/dev/null
   echo "stored $kv_mount/istiod-service/certs"
 fi
 if [ -n "${GATEWAY_TLS_DIR:-}" ]; then
   "$cli" write "$kv_mount/ingressgateway/certs" \
     tls_crt=@"$GATEWAY_TLS_DIR/tls.crt" \
     tls_key=@"$GATEWAY_TLS_DIR/tls.key" \
-    ca_crt=@"$GATEWAY_TLS_DIR/ca.crt" >/dev/null
+    ca_crt=@"$GATEWAY_TLS_DIR/ca.crt" "${ttl[@]}" >/dev/null
   echo "stored $kv_mount/ingressgateway/certs"
 fi
 echo "Vault is set up for $cluster: auth/$auth_mount, $kv_mount/"

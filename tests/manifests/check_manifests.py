@@ -910,7 +910,9 @@ def vault_setup_runs_against_a_real_server(ctx):
             for path, want in ((own, ["read"]), (other, ["deny"]), (gw, ["deny"])):
                 assert caps[path] == want, f"cluster{n}-istiod on {path}: {caps[path]}, want {want}"
             data = api("GET", own, token=token)["data"]
-            assert set(data) == set(istiod["files"].values()), data.keys()
+            # the files' keys, and `ttl` (SECRET_TTL, default 1h): KV v1's re-read interval
+            assert set(data) == set(istiod["files"].values()) | {"ttl"}, data.keys()
+            assert data["ttl"] == "1h", data["ttl"]
             for f, key in istiod["files"].items():
                 assert data[key].encode() == (tmp / f"ca{n}" / f).read_bytes(), f"{key} changed on the way into Vault"
         # a KV v2 mount where the config says v1 is refused, not silently misused

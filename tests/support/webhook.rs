@@ -11,11 +11,11 @@ use super::kube::{ControlPlane, Process, addr, kustomize, wait_for_port};
 
 const READY: Duration = Duration::from_secs(120);
 
-/// `kubectl kustomize manifests/overlays/cluster1`, with the one change the lack of kube-proxy
+/// `kubectl kustomize manifests/overlays/<overlay>`, with the one change the lack of kube-proxy
 /// forces: our webhook is called at `https://127.0.0.1:<port>/mutate`.
-pub fn shipped_manifests(cp: &ControlPlane, webhook_port: u16) -> Vec<Value> {
+pub fn shipped_manifests(cp: &ControlPlane, overlay: &str, webhook_port: u16) -> Vec<Value> {
     let mut objects = kustomize(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/overlays/cluster1"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/overlays").join(overlay),
         &cp.dir,
     );
     let mut rewritten = 0;
