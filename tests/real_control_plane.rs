@@ -65,7 +65,10 @@ fn istiod_takes_its_ca_from_vault_through_the_real_control_plane() {
 
     // 7. vault-agent-init, as the kubelet would run it: files equal to the Vault values.
     let istiod_pod = PodFiles::new(cp, stored, &cp.dir.join("pods/istiod"));
-    wait_success(&mut run_container(cp, &istiod_pod, "vault-agent-init"), &istiod_pod);
+    wait_success(
+        &mut run_container(cp, &istiod_pod, "vault-agent-init"),
+        &istiod_pod,
+    );
     assert_rendered(&istiod_pod, &cluster.ca.istiod_files());
 
     // 8. istiod plugs in the Vault CA.
@@ -79,11 +82,19 @@ fn istiod_takes_its_ca_from_vault_through_the_real_control_plane() {
     let stored = create_pod(cp, "tests/fixtures/pods/ingressgateway.json");
     assert_injected_gateway(&stored);
     let gateway_pod = PodFiles::new(cp, stored, &cp.dir.join("pods/ingressgateway"));
-    wait_success(&mut run_container(cp, &gateway_pod, "vault-agent-init"), &gateway_pod);
+    wait_success(
+        &mut run_container(cp, &gateway_pod, "vault-agent-init"),
+        &gateway_pod,
+    );
     assert_rendered(&gateway_pod, &cluster.gateway_tls.tls_files());
 
     // 10. How it fails, through the real API server.
-    let Cluster { cp, webhook, injector, .. } = &mut cluster;
+    let Cluster {
+        cp,
+        webhook,
+        injector,
+        ..
+    } = &mut cluster;
     never_sent_to_us(cp, webhook);
     refusals(cp, webhook, injector);
 }

@@ -172,7 +172,12 @@ pub fn opt_in_namespace(cp: &ControlPlane, name: &str) {
 /// A ServiceAccount (no controller-manager makes them here). With `auth_delegator`, it may call
 /// TokenReview: Vault's Kubernetes auth then reviews the logging-in Pod's token with that same
 /// token (setup.sh without TOKEN_REVIEWER_JWT), as the README's Vault section describes.
-pub fn create_service_account(cp: &ControlPlane, namespace: &str, name: &str, auth_delegator: bool) {
+pub fn create_service_account(
+    cp: &ControlPlane,
+    namespace: &str,
+    name: &str,
+    auth_delegator: bool,
+) {
     let mut objects = vec![json!({
         "apiVersion": "v1", "kind": "ServiceAccount",
         "metadata": {"name": name, "namespace": namespace},
@@ -522,6 +527,12 @@ impl Istiod {
         );
 
         wait_for_port(addr(self.secure_grpc), &mut self.process, READY);
+        self.assert_serves_chain_to(cp, root, ca);
+    }
+
+    /// The certificate on the secure gRPC port is issued by `ca` and verifies (`openssl verify`)
+    /// up to `root` through it, and not directly by the root.
+    pub fn assert_serves_chain_to(&self, cp: &ControlPlane, root: &Root, ca: &Intermediate) {
         let served = served_chain(self.secure_grpc, &cp.dir);
         assert!(served.len() >= 2, "istiod served no chain: {served:?}");
         assert_eq!(
@@ -613,4 +624,3 @@ pub fn named_pod(fixture: &str, name: &str, namespace: &str) -> Value {
     meta.insert("namespace".into(), json!(namespace));
     pod
 }
-

@@ -9,6 +9,9 @@
 //! What is not: webhooks are reached by `clientConfig.url` on 127.0.0.1 (there is no
 //! kube-proxy to route a `service`), and nothing ever schedules or runs a Pod by itself.
 
+// Shared by several test files, each of which uses a part.
+#![allow(dead_code)]
+
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -56,6 +59,10 @@ impl Process {
             log,
             guard: ChildGuard::new(child),
         }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.guard.id()
     }
 
     pub fn log_text(&self) -> String {

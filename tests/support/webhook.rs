@@ -15,7 +15,9 @@ const READY: Duration = Duration::from_secs(120);
 /// forces: our webhook is called at `https://127.0.0.1:<port>/mutate`.
 pub fn shipped_manifests(cp: &ControlPlane, overlay: &str, webhook_port: u16) -> Vec<Value> {
     let mut objects = kustomize(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/overlays").join(overlay),
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("manifests/overlays")
+            .join(overlay),
         &cp.dir,
     );
     let mut rewritten = 0;
