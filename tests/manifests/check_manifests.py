@@ -65,16 +65,72 @@ def case(fn):
 
 
 class Ctx:
-    def __init__(self, rendered_dir, binary):
+    def __init__(self, rendered_dir, binary, helm):
         self.binary = Path(binary)
+        self.helm = helm
         self.renders = {}
         for name in RENDERS:
             text = (Path(rendered_dir) / f"{name}.yaml").read_text()
             self.renders[name] = [d for d in yaml.safe_load_all(text) if d]
+        # The Helm chart with the settings of each kustomize render: the same objects (checked
+        # below), so every other case checks them too.
+        for name, values in chart_values(self).items():
+            self.renders[f"chart:{name}"] = helm_template(self, values)
 
     def ours(self, name):
         """The objects of one render that belong to the webhook (not the Vault chart's)."""
         return [d for d in self.renders[name] if d["metadata"]["name"] != VAULT_INJECTOR_CFG]
+
+
+# --------------------------------------------------------------------------------------------
+# The Helm chart (manifests/chart/istio-vault-webhook)
+# --------------------------------------------------------------------------------------------
+
+CHART = ROOT / "manifests/chart/istio-vault-webhook"
+HELM_LABELS = {"app.kubernetes.io/instance", "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
+               "helm.sh/chart"}
+
+
+def helm_template(ctx, values, expect_error=False):
+    """`helm template` of the chart with `values` (a dict), as objects; or its stderr."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(values, f)
+        f.flush()
+        p = subprocess.run([ctx.helm, "template", "istio-vault-webhook", str(CHART), "-n", NS, "-f", f.name],
+                           capture_output=True, text=True)
+    if expect_error:
+        assert p.returncode != 0, f"helm template accepted {values}"
+        return p.stderr
+    assert p.returncode == 0, f"helm template: {p.stderr}"
+    return [d for d in yaml.safe_load_all(p.stdout) if d]
+
+
+def chart_values(ctx):
+    """Chart values equal to each kustomize render's settings."""
+    def config(name):
+        return config_of(ctx.renders[name])
+    return {
+        "base": {"config": config("base"), "createNamespace": True},
+        "cluster1": {"config": config("cluster1"), "createNamespace": True},
+        "cluster2": {"config": config("cluster2"), "createNamespace": True},
+        "cert-manager": {"config": config("cluster1"), "tls": {"mode": "certManager"}, "createNamespace": True},
+    }
+
+
+def normalized(docs):
+    """Objects keyed by kind/name, without Helm's own labels, config.yaml parsed (comments and
+    key order are not the install)."""
+    out = {}
+    for d in copy.deepcopy(docs):
+        for meta in (d["metadata"], d.get("spec", {}).get("template", {}).get("metadata", {})):
+            labels = meta.get("labels")
+            if labels is not None:
+                for k in HELM_LABELS:
+                    labels.pop(k, None)
+        if d["kind"] == "ConfigMap":
+            d["data"]["config.yaml"] = yaml.safe_load(d["data"]["config.yaml"])
+        out[f"{d['kind']}/{d['metadata']['name']}"] = d
+    return out
 
 
 def get(docs, kind, name=None):
@@ -999,12 +1055,108 @@ def shell_scripts_pass_shellcheck(ctx):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+@case
+def chart_passes_helm_lint_strict(ctx):
+    p = subprocess.run([ctx.helm, "lint", "--strict", str(CHART)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@case
+def chart_renders_the_same_objects_as_kustomize(ctx):
+    """One source of truth: for the same settings the chart and the kustomize base (with the
+    overlays and the cert-manager component) render the same objects, field for field."""
+    for name in chart_values(ctx):
+        want = normalized(ctx.ours(name))
+        got = normalized(ctx.renders[f"chart:{name}"])
+        assert sorted(got) == sorted(want), f"[{name}] objects differ: chart {sorted(got)}, kustomize {sorted(want)}"
+        for key in want:
+            assert got[key] == want[key], (
+                f"[{name}] {key} differs:\n chart:     {json.dumps(got[key], sort_keys=True)}\n"
+                f" kustomize: {json.dumps(want[key], sort_keys=True)}")
+
+
+@case
+def chart_generates_match_conditions_and_guard_from_the_profiles(ctx):
+    """A gateway profile with a new selector reaches the webhook without a hand edit, and the
+    guard follows the istiod profile's selector, container and secret volume path."""
+    cfg = copy.deepcopy(chart_values(ctx)["cluster1"]["config"])
+    cfg["profiles"]["gateways"].append({"name": "internal", "match": {"app": "internal-gw"},
+                                        "role": "internal-gw", "secretPath": "kv/internal",
+                                        "files": {"tls.crt": "crt", "tls.key": "key"}})
+    cfg["profiles"]["istiod"].update({"match": {"app": "istiod", "istio.io/rev": "canary"},
+                                      "container": "pilot"})
+    cfg["secretVolumePath"] = "/vault/ca"
+    docs = helm_template(ctx, {"config": cfg})
+    w = get(docs, "MutatingWebhookConfiguration")["webhooks"][0]
+    gw = pods.bare_pod()
+    gw["metadata"]["labels"] = {"app": "internal-gw"}
+    assert webhook_called(w, gw, OPTED_IN) is True, "the new gateway profile does not reach the webhook"
+    assert webhook_called(w, pods.app_pod(), OPTED_IN) is False
+    assert webhook_called(w, pods.istiod(), OPTED_IN) is True
+    policy, binding = vap(docs)
+    assert policy["spec"]["matchConstraints"]["objectSelector"] == {
+        "matchLabels": {"app": "istiod", "istio.io/rev": "canary"}}
+    last = policy["spec"]["validations"][-1]
+    assert "c.name == 'pilot'" in last["expression"] and "'/vault/ca'" in last["expression"], last
+    for d in docs:
+        if not d["apiVersion"].startswith("cert-manager.io/"):
+            for v in K8S_VERSIONS:
+                assert not strict_errors(d, v), strict_errors(d, v)
+
+
+@case
+def chart_refuses_a_bad_config_before_install(ctx):
+    """values.schema.json and the chart's own checks refuse, with the field named, what
+    `istio-vault-webhook check` refuses."""
+    good = chart_values(ctx)["cluster1"]["config"]
+
+    def with_(edit):
+        cfg = copy.deepcopy(good)
+        edit(cfg)
+        return {"config": cfg}
+    bad = [
+        # null, not absent: Helm merges the given values over the chart's defaults
+        ("missing cluster", with_(lambda c: c.update(cluster=None)), "missing property 'cluster'"),
+        ("kvVersion 3", with_(lambda c: c["vault"].update(kvVersion=3)), "/config/vault/kvVersion"),
+        ("a typo", with_(lambda c: c["vault"].update(authpath="x")), "additional properties 'authpath'"),
+        ("partial istiod layout", with_(lambda c: c["profiles"]["istiod"]["files"].pop("cert-chain.pem")),
+         "/config/profiles/istiod/files"),
+        ("file- prefix", with_(lambda c: c["profiles"]["gateways"][0]["files"].update({"file-x": "k"})),
+         "invalid propertyName 'file-x'"),
+        ("renderInterval with init-only",
+         with_(lambda c: c["profiles"]["istiod"].update(rotation="init-only", renderInterval="1m")),
+         "/config/profiles/istiod"),
+        ("renderInterval without a unit", with_(lambda c: c["profiles"]["istiod"].update(renderInterval="30")),
+         "/config/profiles/istiod/renderInterval"),
+        ("gateway name not a DNS label", with_(lambda c: c["profiles"]["gateways"][0].update(name="Ingress")),
+         "/config/profiles/gateways/0/name"),
+        ("duplicate selector", with_(lambda c: c["profiles"]["gateways"].append(
+            dict(c["profiles"]["gateways"][0], name="second"))), "same selector"),
+        ("duplicate name", with_(lambda c: c["profiles"]["gateways"].append(
+            dict(c["profiles"]["gateways"][0], match={"istio": "other"}))), "is used twice"),
+        ("webhook sorts after the injector", {"config": good, "webhook": {"name": "zz-ivw"}},
+         "does not sort before the Vault injector"),
+    ]
+    for what, values, needle in bad:
+        err = helm_template(ctx, values, expect_error=True)
+        assert needle in err, f"{what}: {err}"
+        # and the webhook's own check agrees that the config is bad (the webhook-name case is a
+        # chart setting, not config)
+        if "config" in values and values["config"] is not good:
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+                yaml.safe_dump({k: v for k, v in values["config"].items() if v is not None}, f)
+                f.flush()
+                p = subprocess.run([str(ctx.binary), "check", f.name], capture_output=True, text=True)
+            assert p.returncode == 1, f"{what}: istio-vault-webhook check accepted it"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rendered", required=True)
     ap.add_argument("--bin", required=True)
+    ap.add_argument("--helm", required=True)
     args = ap.parse_args()
-    ctx = Ctx(args.rendered, args.bin)
+    ctx = Ctx(args.rendered, args.bin, args.helm)
     passed = failed = 0
     for fn in CASES:
         t = time.monotonic()

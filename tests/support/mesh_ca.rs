@@ -1,6 +1,9 @@
 //! A mesh CA hierarchy as a multi-cluster Istio mesh has it: one root, one intermediate per
 //! cluster (istiod signs workload certificates with it), written in istiod's plug-in layout.
 
+// Shared by several test files, each of which uses a part.
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 
 use rcgen::{

@@ -3,6 +3,9 @@
 //! `scripts/peers.env`) and linked into `.tools/peers/`. A missing binary fails the test with
 //! the command that builds it: these tests are the proof, they never skip.
 
+// Shared by several test files, each of which uses a part.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 
 /// `$IVW_PEERS_DIR/<name>`, else `<repo>/.tools/peers/<name>`.

@@ -10,6 +10,9 @@
 //! from the API server) and turns one container's command, args, env and volumeMounts into a
 //! sandboxed command.
 
+// Shared by several test files, each of which uses a part.
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};

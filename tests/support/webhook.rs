@@ -1,5 +1,8 @@
 //! The webhook as the shipped manifests deploy it, on a [`ControlPlane`].
 
+// Shared by several test files, each of which uses a part.
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
