@@ -26,6 +26,9 @@ pub enum Command {
     Render(RenderArgs),
     /// Validate config files or ConfigMap manifests; exit 1 if any is invalid.
     Check(CheckArgs),
+    /// Make the Istio CA hierarchy: a root, and per cluster an intermediate as istiod's files
+    /// and as a `bao kv put PATH @FILE` body.
+    Certs(crate::certs::CertsArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

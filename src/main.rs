@@ -25,6 +25,13 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Certs(args)) => match istio_vault_webhook::certs::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         None => serve(ServeArgs::default_for_cli()),
     }
 }
