@@ -89,7 +89,7 @@ impl Cluster {
 
         // 5. (before 4: the injector is told Vault's address) Vault, set up by the shipped script.
         let ca = root.intermediate(name);
-        let gateway_tls = root.intermediate(&format!("{name}-ingressgateway"));
+        let gateway_tls = root.tls(&format!("{name}-ingressgateway"));
         setup_vault(&cp, bao, name, &ca, &gateway_tls, options.secret_ttl);
 
         // 4. The Vault Agent Injector.
