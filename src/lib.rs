@@ -8,6 +8,7 @@
 //! `source` and `tls` is pure.
 
 pub mod admission;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod json;

@@ -181,7 +181,7 @@ fn openssl_verify(
     leaf_der: &[u8],
     name: &str,
 ) -> Result<(), String> {
-    use istio_vault_webhook::tls::ca_bundle::CaCert;
+    use istio_vault_webhook::tls::bundle::CaCert;
     let bundle_path = dir.join("bundle.pem");
     let leaf_path = dir.join(format!("leaf-{name}.pem"));
     std::fs::write(&bundle_path, bundle).unwrap();
@@ -210,7 +210,7 @@ fn openssl_verify(
 /// replicas do: OpenSSL must find each leaf's own CA, not the first one.
 #[test]
 fn self_signed_identities_of_one_second_each_verify_with_openssl() {
-    use istio_vault_webhook::tls::{ca_bundle, self_signed};
+    use istio_vault_webhook::tls::{bundle, self_signed};
     let names = self_signed::service_names("istio-vault-webhook", "istio-vault-webhook");
     let validity = Duration::from_secs(3600);
     // Same second, like two replicas of one Deployment: retry the rare
@@ -224,7 +224,7 @@ fn self_signed_identities_of_one_second_each_verify_with_openssl() {
         }
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let bundle = ca_bundle::merge(b"", &[a.ca(), b.ca()], &[], now).bundle;
+    let bundle = bundle::merge(b"", &[a.ca(), b.ca()], &[], now).bundle;
     let dir = tempfile::tempdir().unwrap();
     let failures: Vec<String> = [("a", &a), ("b", &b)]
         .into_iter()

@@ -5,6 +5,7 @@
 //! from an `ArcSwap`: a rotation affects new connections only, and existing
 //! connections finish on the certificate they started with.
 
+pub mod bundle;
 pub mod ca_bundle;
 pub mod self_signed;
 

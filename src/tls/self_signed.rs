@@ -22,8 +22,14 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::CertStore;
-use super::ca_bundle::{CaBundle, CaCert};
+use super::bundle::CaCert;
+use super::ca_bundle::CaBundle;
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
+
+/// Between failed attempts to publish the next CA: the current certificate
+/// is still valid for a third of its life, so there is no hurry.
+const PUBLISH_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// One generated CA with the serving certificate it signed.
 pub struct SelfSigned {
@@ -224,10 +230,8 @@ impl Rotation {
                 match self.publish(&both).await {
                     Ok(()) => break,
                     Err(e) => {
+                        let wait = PUBLISH_BACKOFF.pause(failures);
                         failures += 1;
-                        let wait = Duration::from_millis(500)
-                            .saturating_mul(1 << failures.min(6))
-                            .min(Duration::from_secs(30));
                         tracing::warn!(
                             error = %format!("{e:#}"),
                             retry_in_s = wait.as_secs_f32(),
