@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission;
-use crate::metrics::{AdmissionLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::mutate::Outcome;
 use crate::source::ConfigStore;
 
@@ -89,20 +89,12 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
     let snapshot = app.config.load();
     let result = admission::review(&body, snapshot.state());
     let elapsed = start.elapsed();
-    app.metrics
-        .admission_duration
-        .observe(elapsed.as_secs_f64());
+    app.metrics.admission_took(elapsed);
     match result {
         Ok(reviewed) => {
             let outcome = reviewed.outcome();
             let profile = reviewed.decision.profile().unwrap_or("");
-            app.metrics
-                .admissions
-                .get_or_create(&AdmissionLabels {
-                    profile: profile.to_owned(),
-                    outcome: outcome.as_str(),
-                })
-                .inc();
+            app.metrics.admission(profile, outcome);
             // Not `message`: that is the event's own field in JSON logs.
             let reason = match &reviewed.decision {
                 crate::mutate::Decision::Deny { message, .. } => message.as_str(),
@@ -122,13 +114,7 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
             ([(header::CONTENT_TYPE, "application/json")], reviewed.body).into_response()
         }
         Err(bad) => {
-            app.metrics
-                .admissions
-                .get_or_create(&AdmissionLabels {
-                    profile: String::new(),
-                    outcome: Outcome::Error.as_str(),
-                })
-                .inc();
+            app.metrics.admission("", Outcome::Error);
             tracing::warn!(error = %bad, "admission: bad request");
             let mut line = bad.0;
             line.retain(|c| c != '\n');

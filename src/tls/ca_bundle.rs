@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bundle::{CaCert, merge_object, object_trusts};
 use crate::backoff::Backoff;
-use crate::metrics::{Metrics, ResultLabels, WatchLabels};
+use crate::metrics::Metrics;
 
 /// How often the configuration is re-checked besides the watch.
 pub const RESYNC: Duration = Duration::from_secs(60);
@@ -115,7 +115,7 @@ impl CaBundle {
         metrics: Arc<Metrics>,
         resync: Duration,
     ) -> Arc<CaBundle> {
-        metrics.ca_bundle_trusted.set(0);
+        metrics.ca_bundle_trusted(false);
         Arc::new(CaBundle {
             api: Api::all_with(client, &api_resource()),
             name: name.into(),
@@ -171,16 +171,12 @@ impl CaBundle {
 
     fn set_status(&self, status: Status) {
         self.metrics
-            .ca_bundle_trusted
-            .set(i64::from(matches!(status, Status::Trusted { .. })));
+            .ca_bundle_trusted(matches!(status, Status::Trusted { .. }));
         self.status.store(Arc::new(status));
     }
 
     fn count(&self, result: &'static str) {
-        self.metrics
-            .ca_bundle_updates
-            .get_or_create(&ResultLabels { result })
-            .inc();
+        self.metrics.ca_bundle_reconciled(result);
     }
 
     /// Makes every webhook's caBundle contain the required CAs, starting
@@ -349,10 +345,7 @@ impl CaBundle {
                     }
                     Some(Ok(Event::Init | Event::InitDone)) => continue,
                     Some(Err(e)) => {
-                        self.metrics
-                            .watch_errors
-                            .get_or_create(&WatchLabels { watch: "webhookconfiguration" })
-                            .inc();
+                        self.metrics.watch_error("webhookconfiguration");
                         tracing::warn!(
                             webhook_config = %self.name,
                             error = %crate::source::configmap::describe(&e),

@@ -253,7 +253,7 @@ impl Rotation {
                 // finish on it.
                 bundle.require(vec![next.ca()]);
             }
-            self.metrics.tls_rotations.inc();
+            self.metrics.tls_rotated();
             tracing::info!(
                 not_after = %next.not_after,
                 renew_at = %next.renew_at(),
