@@ -5,8 +5,8 @@
 //! Why not serde_json for reading: an istiod AdmissionReview is ~10 KB, of
 //! which the rules read well under 1 KB (labels, annotations, container names
 //! and env). Skipping the rest through serde's derive machinery (every value
-//! a visitor call, `managedFields` alone is ~45 % of the Pod) was two thirds
-//! of the webhook's CPU per request. This reader skips with one flat loop (no
+//! a visitor call, and `managedFields` alone is almost half of the Pod) was
+//! most of the webhook's CPU per request (README, "Benchmarks"). This reader skips with one flat loop (no
 //! recursion, 8 bytes at a time inside strings) and lends strings out of the
 //! body instead of copying them.
 //!

@@ -24,7 +24,7 @@ use crate::mutate::Outcome;
 use crate::source::ConfigStore;
 
 /// The API server sends at most ~3 MiB objects; 7 MiB leaves room for the
-/// review envelope (SPEC §5). Larger bodies get 413.
+/// review envelope. Larger bodies get 413.
 pub const MAX_BODY: usize = 7 * 1024 * 1024;
 /// Bound on a TLS handshake and on reading a request's headers. The API
 /// server gives up on a webhook after `timeoutSeconds` (≤ 10 s) anyway.
@@ -127,11 +127,9 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
 /// Where connections are served: the runtime that accepts them, or one of
 /// `--workers` single-threaded runtimes (like nginx's workers). A
 /// connection stays on one thread for its life: no work stealing, no
-/// cross-thread wakeups, no atomics in the scheduler. Against tokio's
-/// multi-threaded runtime this saved 3–5 µs of CPU per admission under
-/// `scripts/bench` (about a tenth of the total); with the load generator
-/// on the same two cores, one worker beat two (26.8 against 32.5 µs, p99
-/// 0.9 against 1.9 ms), since two workers and h2load share two cores.
+/// cross-thread wakeups, no atomics in the scheduler. Both choices, and
+/// the default of one worker on a two-core node, were measured with
+/// `scripts/bench` (README, "Benchmarks").
 #[derive(Clone, Default)]
 pub struct Workers(Arc<[Worker]>);
 

@@ -187,8 +187,9 @@ pub fn trusts(bundle: &[u8], cas: &[CaCert]) -> bool {
 pub struct ObjectMerge {
     /// The object to write back, when any bundle changed.
     pub updated: Option<DynamicObject>,
-    /// Whether every webhook trusts all of `add` after the merge.
+    /// How many webhooks the object has.
     pub webhooks: usize,
+    /// What changed, per webhook, for the log line.
     pub summary: String,
 }
 

@@ -179,7 +179,7 @@ fn replica_name() -> Option<String> {
 }
 
 /// Rotates a self-signed CA and serving certificate before they expire.
-pub struct Rotation {
+pub struct Rotator {
     pub names: Vec<String>,
     pub validity: Duration,
     pub certs: Arc<CertStore>,
@@ -190,7 +190,7 @@ pub struct Rotation {
     pub metrics: Arc<Metrics>,
 }
 
-impl Rotation {
+impl Rotator {
     /// Time between publishing a new CA and serving with it: lets every API
     /// server replica's informer see the new caBundle first.
     pub fn propagation_delay(&self) -> Duration {
