@@ -28,7 +28,7 @@
 //! restarting it on the same port, compacting the history, making the next
 //! N updates conflict as if another client had written in between.
 
-#![allow(dead_code, clippy::result_large_err)]
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
