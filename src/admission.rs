@@ -5,9 +5,11 @@
 //! `kube::core::admission::AdmissionReview<DynamicObject>`: only the
 //! envelope fields and, for a Pod CREATE, the handful of Pod fields the
 //! rules need are kept; the rest is validated and skipped without copying.
-//! The response is written by hand-picked serde types because kube's
-//! `AdmissionResponse` serializes `patch` as an array of numbers instead of
-//! the base64 string the API documents (kube-rs#1781).
+//! The response is written here, not with kube's `AdmissionResponse`, which
+//! serializes `patch` as an array of numbers instead of the base64 string the
+//! API documents (kube-rs#1781): a response with a patch by hand around
+//! `json::write_str` and base64 encoded in place, the others through small
+//! serde types.
 
 use std::borrow::Cow;
 

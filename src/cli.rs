@@ -1,4 +1,4 @@
-//! Command-line interface (SPEC §5). Parsing only; `main.rs` dispatches.
+//! Command-line interface (README, "Running it"). Parsing only; `main.rs` dispatches.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

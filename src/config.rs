@@ -1,4 +1,5 @@
-//! `config.yaml`: schema, defaults and validation (SPEC §3). Pure: no I/O.
+//! `config.yaml`: schema, defaults and validation (README, "Configuration
+//! reference"). Pure: no I/O.
 //!
 //! Parsing happens in two steps. `RawConfig` is the YAML as the admin wrote it
 //! (`deny_unknown_fields` everywhere, so a typo is an error, not a silently
@@ -17,38 +18,83 @@ pub const DEFAULT_SECRET_VOLUME_PATH: &str = "/vault/secrets";
 /// Key of the config inside the ConfigMap.
 pub const CONFIG_MAP_KEY: &str = "config.yaml";
 
-/// Annotation prefixes and keys (SPEC §2, §4).
+/// The annotation keys the webhook writes or reads. The `vault.hashicorp.com/`
+/// ones are read by the Vault Agent Injector; what it does with each, and its
+/// default when the annotation is absent, is from hashicorp/vault-k8s
+/// `agent-inject/agent/annotations.go` (the constant named in each comment).
+/// Which of them a profile sets, and when, is in docs/design.md ("The rules
+/// of the patch").
 pub mod keys {
+    /// The prefix every injector annotation shares; a file name may use what
+    /// the longest per-file key leaves of the 63 characters after it.
     pub const VAULT: &str = "vault.hashicorp.com/";
+    /// `AnnotationAgentInject`: `"true"` makes the injector add its init
+    /// container (and sidecar). Absent: no injection. Parsed strictly as a
+    /// boolean; an unparsable value makes the injector refuse the Pod.
     pub const AGENT_INJECT: &str = "vault.hashicorp.com/agent-inject";
+    /// `AnnotationAgentInitFirst`: `"true"` puts `vault-agent-init` before
+    /// every other init container, so the CA files exist before anything of
+    /// istiod runs. Default false (last).
     pub const AGENT_INIT_FIRST: &str = "vault.hashicorp.com/agent-init-first";
+    /// `AnnotationVaultRole`: the Vault role the agent logs in with through
+    /// the Kubernetes auth method. No default: the injector refuses a Pod
+    /// without one.
     pub const ROLE: &str = "vault.hashicorp.com/role";
+    /// `AnnotationVaultAuthPath`: the auth mount the agent logs in at. Default
+    /// the injector's `-vault-auth-path` flag (`auth/kubernetes`); each
+    /// cluster of a mesh has its own mount, hence `vault.authPath`.
     pub const AUTH_PATH: &str = "vault.hashicorp.com/auth-path";
+    /// `AnnotationAgentInjectSecret` + `-<name>`: the Vault path of the secret
+    /// rendered to `<secret volume>/<name>`. The name is the whole suffix,
+    /// lower-cased.
     pub const SECRET_PREFIX: &str = "vault.hashicorp.com/agent-inject-secret-";
+    /// `AnnotationAgentInjectTemplate` + `-<name>`: the template for that
+    /// secret. Default a generic template that prints the whole secret as Go
+    /// maps, which is not a PEM file.
     pub const TEMPLATE_PREFIX: &str = "vault.hashicorp.com/agent-inject-template-";
+    /// `AnnotationAgentPrePopulateOnly`: `"true"` injects only the init
+    /// container, so nothing re-renders after start (`rotation: init-only`).
+    /// Default false (a sidecar keeps rendering).
     pub const PRE_POPULATE_ONLY: &str = "vault.hashicorp.com/agent-pre-populate-only";
+    /// `AnnotationVaultSecretVolumePath`: where the secrets volume is mounted
+    /// in every container. Default `/vault/secrets`
+    /// ([`super::DEFAULT_SECRET_VOLUME_PATH`]), which is then not written.
     pub const SECRET_VOLUME_PATH: &str = "vault.hashicorp.com/secret-volume-path";
+    /// `AnnotationVaultService`: the Vault address the agent talks to.
+    /// Default the injector's `-vault-address` flag.
     pub const SERVICE: &str = "vault.hashicorp.com/service";
+    /// `AnnotationVaultNamespace`: the Vault Enterprise namespace. Default
+    /// the injector's `-vault-namespace` flag (none).
     pub const NAMESPACE: &str = "vault.hashicorp.com/namespace";
+    /// `AnnotationVaultCACert`: path, inside the agent's containers, of the
+    /// CA certificate that verifies Vault's TLS. Default none (system roots).
     pub const CA_CERT: &str = "vault.hashicorp.com/ca-cert";
+    /// `AnnotationVaultTLSSecret`: a Kubernetes Secret mounted into the agent
+    /// at `/vault/tls` (for `ca-cert` and client certificates). Default none.
     pub const TLS_SECRET: &str = "vault.hashicorp.com/tls-secret";
-    /// `error-on-missing-key-<file>: "true"`: vault-k8s sets the agent's
-    /// `error_on_missing_key` on that file's template (default false), so a
-    /// key missing from the secret fails the agent instead of rendering
-    /// `<no value>` into a CA file (hashicorp/vault-k8s
-    /// agent-inject/agent/annotations.go, `AnnotationErrorOnMissingKey`).
+    /// `AnnotationErrorOnMissingKey` + `-<name>`: `"true"` sets the agent's
+    /// `error_on_missing_key` on that file's template, so a key missing from
+    /// the secret fails the agent instead of rendering `<no value>` into a
+    /// CA file. Default false.
     pub const ERROR_ON_MISSING_KEY_PREFIX: &str = "vault.hashicorp.com/error-on-missing-key-";
-    /// Copied by vault-k8s, unparsed, into the agent's
-    /// `template_config.static_secret_render_interval`: how often the
-    /// sidecar re-reads a secret without a lease (KV v2; the agent's default
-    /// is 5 minutes). A KV v1 read carries a lease duration, which the agent
+    /// `AnnotationTemplateConfigStaticSecretRenderInterval`: copied unparsed
+    /// into the agent's `template_config.static_secret_render_interval`, how
+    /// often the sidecar re-reads a secret without a lease (KV v2). Default 5
+    /// minutes. A KV v1 read carries a lease duration, which the agent
     /// follows instead (hashicorp/consul-template
-    /// dependency/vault_common.go, `leaseCheckWait`).
+    /// `dependency/vault_common.go`, `leaseCheckWait`).
     pub const STATIC_SECRET_RENDER_INTERVAL: &str =
         "vault.hashicorp.com/template-static-secret-render-interval";
+    /// `AnnotationAgentStatus`: set by the injector itself to `injected`
+    /// once it has mutated a Pod; it then skips the Pod. The webhook never
+    /// writes it and leaves an injected Pod unchanged.
     pub const INJECT_STATUS: &str = "vault.hashicorp.com/agent-inject-status";
+    /// Ours: the profile that was applied (docs/design.md).
     pub const PROFILE: &str = "istio-vault-webhook/profile";
+    /// Ours: `sha256:` + 16 hex digits of the config that was applied.
     pub const CONFIG_HASH: &str = "istio-vault-webhook/config-hash";
+    /// Set by the kubelet on the API mirror of a static Pod, which cannot be
+    /// changed through the API: such Pods are left alone.
     pub const MIRROR: &str = "kubernetes.io/config.mirror";
 }
 
@@ -289,8 +335,19 @@ pub struct Profile {
     pub annotations: Vec<Annotation>,
     /// Annotations the webhook owns that this profile wants absent.
     pub absent: Vec<Annotation>,
-    /// istiod only: the container that gets `ROOT_CA_DIR`.
-    pub container: Option<String>,
+    pub kind: ProfileKind,
+}
+
+/// What a profile is for, which decides what besides annotations it asks of
+/// a Pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileKind {
+    /// `profiles.istiod`: the named container must exist (or the Pod is
+    /// denied) and gets `ROOT_CA_DIR`.
+    Istiod { container: String },
+    /// `profiles.gateways[*]`: annotations only; the gateway reads its files
+    /// from the secret volume by path.
+    Gateway,
 }
 
 /// One annotation with its JSON pointer precomputed, so the admission path
@@ -315,7 +372,7 @@ impl Annotation {
 
 impl Profile {
     pub fn is_istiod(&self) -> bool {
-        self.container.is_some()
+        matches!(self.kind, ProfileKind::Istiod { .. })
     }
 
     /// All selector labels present with equal values.
@@ -326,7 +383,7 @@ impl Profile {
     }
 }
 
-/// The embedded example: the cluster1 layout of SPEC §3. `serve` uses it when
+/// The embedded example: cluster1 of the README's two-cluster layout. `serve` uses it when
 /// started with no flags outside a cluster.
 pub const EXAMPLE_CONFIG: &str = include_str!("example-config.yaml");
 
@@ -364,7 +421,9 @@ impl Config {
                     rotation: istiod.rotation,
                     render_interval: istiod.render_interval.as_deref(),
                     files: &istiod.files,
-                    container: Some(&istiod.container),
+                    kind: ProfileKind::Istiod {
+                        container: istiod.container.clone(),
+                    },
                 },
             ));
         }
@@ -380,7 +439,7 @@ impl Config {
                     rotation: g.rotation,
                     render_interval: g.render_interval.as_deref(),
                     files: &g.files,
-                    container: None,
+                    kind: ProfileKind::Gateway,
                 },
             ));
         }
@@ -455,7 +514,7 @@ struct ProfileSpec<'a> {
     rotation: Rotation,
     render_interval: Option<&'a str>,
     files: &'a BTreeMap<String, String>,
-    container: Option<&'a str>,
+    kind: ProfileKind,
 }
 
 fn compile_profile(raw: &RawConfig, hash: &str, p: ProfileSpec<'_>) -> Profile {
@@ -529,11 +588,11 @@ fn compile_profile(raw: &RawConfig, hash: &str, p: ProfileSpec<'_>) -> Profile {
         selector: p.selector.clone(),
         annotations: want.iter().map(|(k, v)| Annotation::new(k, v)).collect(),
         absent,
-        container: p.container.map(str::to_owned),
+        kind: p.kind,
     }
 }
 
-/// The Vault Agent template for one file (SPEC §4). The trim markers make the
+/// The Vault Agent template for one file (docs/design.md). The trim markers make the
 /// rendered file exactly the stored value: no newline added or lost.
 pub fn template(kv_version: u8, secret_path: &str, key: &str) -> String {
     let data = if kv_version == 2 {
@@ -854,7 +913,8 @@ fn check_path(path: &str, field: &str, bad: &mut impl FnMut(String, String)) {
     }
 }
 
-/// Why a file name cannot be used, if it cannot (SPEC §3).
+/// Why a file name cannot be used, if it cannot (the rules are in the
+/// README's "Configuration reference").
 fn file_name_problem(file: &str) -> Option<String> {
     if file.is_empty() {
         return Some("file name must not be empty".into());

@@ -1,12 +1,14 @@
-//! A validating JSON reader that hands out only what the caller asks for.
+//! JSON both ways for the admission path: a validating pull reader that hands
+//! out only what the caller asks for, and the writers the response is built
+//! with.
 //!
-//! Why not serde_json: an istiod AdmissionReview is ~10 KB, of which the
-//! rules read well under 1 KB (labels, annotations, container names and
-//! env). Skipping the rest through serde's derive machinery (every value a
-//! visitor call, `managedFields` alone is ~45 % of the Pod) was two thirds
-//! of the webhook's CPU per request. This reader skips with one flat loop
-//! (no recursion, 8 bytes at a time inside strings) and lends strings out of
-//! the body instead of copying them.
+//! Why not serde_json for reading: an istiod AdmissionReview is ~10 KB, of
+//! which the rules read well under 1 KB (labels, annotations, container names
+//! and env). Skipping the rest through serde's derive machinery (every value
+//! a visitor call, and `managedFields` alone is almost half of the Pod) was
+//! most of the webhook's CPU per request (README, "Benchmarks"). This reader skips with one flat loop (no
+//! recursion, 8 bytes at a time inside strings) and lends strings out of the
+//! body instead of copying them.
 //!
 //! It is still a full validator (RFC 8259): every byte of the body is
 //! checked, read or skipped, so anything serde_json refuses as a
@@ -20,6 +22,28 @@
 //! The input is a `&str`, so UTF-8 is checked once, up front, by
 //! `std::str::from_utf8` (fast on ASCII); positions the reader slices at are
 //! always next to an ASCII byte and so on character boundaries.
+//!
+//! # Reading one more Pod field
+//!
+//! The Pod is read in `pod.rs`: [`Reader::object`] calls a closure per key,
+//! and each closure either reads the value or [`Reader::skip`]s it. To make
+//! the rules see, say, `metadata.ownerReferences` or `spec.serviceAccountName`:
+//! 1. add the field to `pod::Meta` or `pod::PodView`, as a `Cow<'a, str>` (or
+//!    `Option` of one) so it stays borrowed from the body;
+//! 2. add a match arm in `read_meta` (or `PodView::read`'s `spec` closure)
+//!    that reads it with `opt_str` / `opt_bool` / `opt_object` / `opt_array`,
+//!    passing the field's dotted name, which a wrong type's error message
+//!    carries; `null` reads as absent, as in Go;
+//! 3. extend the serde_json comparison in `src/pod/tests.rs`, which checks the
+//!    reader against serde_json on generated and damaged Pods.
+//!
+//! Everything not matched keeps being validated and skipped.
+//!
+//! # Writing
+//!
+//! [`write_str`] appends a string literal with exactly serde_json's escapes;
+//! `patch::to_json` and `admission::response_body` build the response around
+//! it, so the bytes are what serde_json would write (their tests compare).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -586,11 +610,61 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Appends `s` as a JSON string literal with serde_json's escapes (`\"`,
+/// `\\`, `\b \f \n \r \t`, other control characters as `\u00xx`).
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0; // first byte not yet copied
+    let mut i = 0;
+    while i < bytes.len() {
+        // Skip 8 plain bytes at a time.
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            let mask = special(word);
+            if mask == 0 {
+                i += 8;
+                continue;
+            }
+            i += (mask.trailing_zeros() / 8) as usize;
+        }
+        let b = bytes[i];
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        i += 1;
+        start = i;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
 /// High bit set in the first byte of `chunk` (little-endian) that is a `"`,
 /// a `\` or a control character (< 0x20); bits above it may be false
 /// positives, so only the lowest set bit means anything. Eight bytes per
 /// step is what makes long strings cheap to skip and to escape.
-pub(crate) fn special(chunk: u64) -> u64 {
+fn special(chunk: u64) -> u64 {
     const ONES: u64 = u64::MAX / 255;
     const HIGH: u64 = ONES << 7;
     let quote = chunk ^ (ONES * u64::from(b'"'));

@@ -4,10 +4,12 @@
 //! The request path reads top to bottom: `server` receives bytes,
 //! `admission` reads the review (with `json`, into a `pod::PodView`),
 //! `mutate` decides (using `config` and `patch`), `admission` writes the
-//! response. Everything but `server`,
+//! response (with `json`'s writer). docs/design.md walks the same path and
+//! says why each rule exists. Everything but `server`,
 //! `source` and `tls` is pure.
 
 pub mod admission;
+pub mod backoff;
 pub mod certs;
 pub mod cli;
 pub mod config;

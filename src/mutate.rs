@@ -1,4 +1,5 @@
-//! The heart of the webhook: (Pod, config) → decision (SPEC §4). Pure.
+//! The heart of the webhook: (Pod, config) → decision, by the rules in
+//! docs/design.md. Pure.
 //!
 //! The Pod is read through [`PodView`] (`pod.rs`), which holds only the
 //! fields the rules look at. The decision carries RFC 6902 operations against the Pod's
@@ -6,7 +7,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::config::{Config, Profile, keys};
+use crate::config::{Config, Profile, ProfileKind, keys};
 use crate::patch::PatchOp;
 pub use crate::pod::{Container, PodView};
 
@@ -155,9 +156,9 @@ pub fn mutate(pod: &PodView, config: ConfigState<'_>) -> Decision {
 
     // The istiod container is checked before anything else: without it there
     // is nothing to point at the CA files, so the Pod must not start.
-    let container_index = match &profile.container {
-        None => None,
-        Some(container) => {
+    let container_index = match &profile.kind {
+        ProfileKind::Gateway => None,
+        ProfileKind::Istiod { container } => {
             let containers = pod.containers();
             match containers
                 .iter()

@@ -3,6 +3,8 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::json;
+
 /// One JSON patch operation. Only the three the webhook needs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -71,8 +73,8 @@ pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
         .sum();
     let mut out = Vec::with_capacity(hint + 2);
     // Written by hand, byte for byte what serde_json writes for `ops` (the
-    // tests compare the two): the string escaper below looks at 8 bytes at a
-    // time where serde_json's looks at one, and the patch is mostly the
+    // tests compare the two): `json::write_str` looks at 8 bytes at a time
+    // where serde_json's escaper looks at one, and the patch is mostly the
     // annotation templates.
     out.push(b'[');
     for (i, op) in ops.iter().enumerate() {
@@ -87,12 +89,12 @@ pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
         out.extend_from_slice(br#"{"op":""#);
         out.extend_from_slice(name);
         out.extend_from_slice(br#"","path":"#);
-        write_json_str(&mut out, path);
+        json::write_str(&mut out, path);
         match value {
             None => {}
             Some(Value::String(v)) => {
                 out.extend_from_slice(br#","value":"#);
-                write_json_str(&mut out, v);
+                json::write_str(&mut out, v);
             }
             Some(v) => {
                 out.extend_from_slice(br#","value":"#);
@@ -104,57 +106,6 @@ pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
     }
     out.push(b']');
     out
-}
-
-/// Appends `s` as a JSON string literal with serde_json's escapes (`\"`,
-/// `\\`, `\b \f \n \r \t`, other control characters as `\u00xx`).
-fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    use crate::json::special;
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
-    let mut start = 0; // first byte not yet copied
-    let mut i = 0;
-    while i < bytes.len() {
-        // Skip 8 plain bytes at a time.
-        if let Some(chunk) = bytes.get(i..i + 8) {
-            let word = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
-            let mask = special(word);
-            if mask == 0 {
-                i += 8;
-                continue;
-            }
-            i += (mask.trailing_zeros() / 8) as usize;
-        }
-        let b = bytes[i];
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => b"",
-            _ => {
-                i += 1;
-                continue;
-            }
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if escape.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.extend_from_slice(escape);
-        }
-        i += 1;
-        start = i;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The parts of a Pod the rules read (SPEC §4), read straight out of the
+//! The parts of a Pod the rules read (docs/design.md), read straight out of the
 //! JSON the API server sent. Everything else in the Pod is checked to be
 //! JSON and skipped; the strings kept are borrowed from the request body.
 

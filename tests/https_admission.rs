@@ -1,5 +1,5 @@
 //! The webhook over real HTTPS, driven the way kube-apiserver drives it
-//! (issue 2, "HTTPS integration"; SPEC §4–§6).
+//! (docs/design.md: the rules of the patch and the API server's facts).
 //!
 //! Every test starts its own `serve` on ephemeral loopback ports with a
 //! self-signed certificate and a `--config` file, and talks to it with the
@@ -12,10 +12,16 @@
 //!
 //! The config is the embedded example (`src/example-config.yaml`) plus an
 //! `egressgateway` profile, so both gateway charts have a profile. The
-//! expected annotations are written out below from SPEC §3/§4, not taken from
+//! expected annotations are written out below from docs/design.md and the README's
+//! "Configuration reference", not taken from
 //! the crate, so a drift in the config compiler shows up here.
 
-mod support;
+// Public so that helpers this file does not call are not dead code: each
+// test file takes only the support modules it uses.
+pub mod support {
+    pub mod client;
+    pub mod review;
+}
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,10 +29,10 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 use support::client::{
-    EXAMPLE_CONFIG, H1, MUTATE, ReviewSpec, SERVICE_DNS, TestServer, Verdict, annotations, chunked,
-    content_type, full, is_one_line, pod_create, tls_config, tls_config_versions, tls_connect,
-    validate_annotations,
+    EXAMPLE_CONFIG, H1, MUTATE, SERVICE_DNS, TestServer, annotations, chunked, content_type, full,
+    is_one_line, tls_config, tls_config_versions, tls_connect, validate_annotations,
 };
+use support::review::{ReviewSpec, Verdict, pod_create};
 
 // ---------------------------------------------------------------------------
 // What the spec says the result is
@@ -52,7 +58,7 @@ fn test_config() -> String {
 }
 
 /// The `istio-vault-webhook/config-hash` value the server must write: the
-/// crate's canonical hash of the config file, in the SPEC §2 shape.
+/// crate's canonical hash of the config file, in the shape the README documents (`sha256:` + 16 hex).
 fn config_hash(config: &str) -> String {
     let hash = istio_vault_webhook::config::Config::parse(config)
         .expect("test config is valid")
@@ -131,7 +137,7 @@ const EGRESS: Profile = Profile {
     container: None,
 };
 
-/// The exact annotations SPEC §4 lists for `profile` (KV v1 templates).
+/// The exact annotations docs/design.md lists for `profile` (KV v1 templates).
 fn owned_annotations(profile: &Profile, hash: &str) -> BTreeMap<String, String> {
     let mut want = BTreeMap::new();
     let mut set = |k: String, v: String| {
@@ -183,7 +189,7 @@ fn expected_env(env: Option<&Value>) -> Value {
     Value::Array(out)
 }
 
-/// The whole Pod as SPEC §4 says it must be after the patch: annotations the
+/// The whole Pod as docs/design.md says it must be after the patch: annotations the
 /// webhook does not own untouched, owned-but-unwanted ones gone, the profile's
 /// set exactly, ROOT_CA_DIR on the istiod container, nothing else changed.
 fn expected_pod(original: &Value, profile: &Profile, hash: &str) -> Value {
@@ -286,7 +292,7 @@ fn assert_json_eq(got: &Value, want: &Value, what: &str) {
     diff(got, want, "", &mut d);
     assert!(
         d.is_empty(),
-        "{what}: the patched Pod differs from SPEC §4:\n  {}",
+        "{what}: the patched Pod differs from docs/design.md:\n  {}",
         d.join("\n  ")
     );
 }
@@ -306,7 +312,7 @@ fn assert_warnings_short(v: &Verdict, what: &str) {
 // ---------------------------------------------------------------------------
 
 /// A Pod CREATE for a fixture that a profile patches: the patched Pod is
-/// exactly the SPEC §4 result, warnings name every override (and only exist
+/// exactly the result docs/design.md specifies, warnings name every override (and only exist
 /// when something is overridden), a dryRun review gets the same answer, the
 /// annotations pass the API server's validation, and re-sending the patched
 /// Pod yields no patch at all.

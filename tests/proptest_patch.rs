@@ -1,4 +1,4 @@
-//! Properties of the admission answer (SPEC §4) for arbitrary Pods and valid
+//! Properties of the admission answer (docs/design.md, "The rules of the patch") for arbitrary Pods and valid
 //! configs, through the whole review path (bytes in, response bytes out):
 //!
 //! - the patch applies with RFC 6902 semantics (the json-patch crate, as the
@@ -38,7 +38,7 @@ const TLS_FILES: [(&str, &str); 3] = [
     ("tls.key", "tls_key"),
     ("ca.crt", "ca_crt"),
 ];
-/// The annotations the webhook sets only when configured (SPEC §4).
+/// The annotations the webhook sets only when configured (docs/design.md).
 const OPTIONAL: [&str; 7] = [
     "vault.hashicorp.com/agent-pre-populate-only",
     "vault.hashicorp.com/secret-volume-path",
@@ -522,7 +522,7 @@ fn annotation<'a>(pod: &'a Value, key: &str) -> Option<&'a str> {
     pod.pointer("/metadata/annotations")?.get(key)?.as_str()
 }
 
-/// The Pod SPEC §4 says the patch must produce.
+/// The Pod the rules of the patch (docs/design.md) say it must produce.
 fn expected_pod(pod: &Value, e: &Expect, dir: &str) -> Value {
     let mut out = pod.clone();
     let mut annotations = pod

@@ -4,22 +4,25 @@
 //! rotations; an API-server-like client that trusts only the final bundle
 //! gets admission answers from each replica.
 
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
-#[path = "runtime_support/mod.rs"]
-mod rt;
+// Public so that helpers this file does not call are not dead code: each
+// test file takes only the support modules it uses.
+pub mod support {
+    pub mod fake_apiserver;
+    pub mod review;
+    pub mod runtime;
+}
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fake_apiserver::{FakeApiServer, webhook_config};
-use istio_vault_webhook::server::Running;
-use rt::{CONFIG_C1, SERVICE_DNS};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use support::fake_apiserver::{self, FakeApiServer, webhook_config};
+use support::review;
+use support::runtime::{self as rt, CONFIG_C1, SERVICE_DNS, Server};
 
 const MWC: &str = "istio-vault-webhook";
 const MWC_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
@@ -31,7 +34,7 @@ fn config_file(dir: &tempfile::TempDir) -> String {
     path.to_str().unwrap().to_owned()
 }
 
-async fn replica(fake: &FakeApiServer, config: &str, extra: &[&str]) -> Running {
+async fn replica(fake: &FakeApiServer, config: &str, extra: &[&str]) -> Server {
     let url = fake.url();
     let mut args = vec![
         "--config",
@@ -53,7 +56,7 @@ fn ders(pem: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn ca_der(r: &Running) -> Vec<u8> {
+fn ca_der(r: &Server) -> Vec<u8> {
     let d = ders(r.ca_pem.as_ref().unwrap().as_bytes());
     assert_eq!(d.len(), 1);
     d.into_iter().next().unwrap()
@@ -72,7 +75,7 @@ async fn bundles_trust(fake: &FakeApiServer, cas: &[Vec<u8>], what: &str) -> Vec
     .await
 }
 
-async fn ready(r: &Running) -> rt::Response {
+async fn ready(r: &Server) -> rt::Response {
     rt::eventually("/readyz 200", WAIT, async || {
         let resp = rt::admin_get(r.admin_addr, "/readyz").await;
         (resp.status == 200).then_some(resp)
@@ -139,9 +142,13 @@ async fn two_replicas_share_one_webhook_configuration() {
     // each replica for the Service name and gets an admission answer.
     for bundle in &bundles {
         for (name, r) in [("a", &a), ("b", &b)] {
-            let answer =
-                rt::admit(r.https_addr, bundle, SERVICE_DNS, &rt::istiod_review("u")).await;
-            let v = rt::verdict(&answer);
+            let v = rt::admit(
+                r.https_addr,
+                bundle,
+                SERVICE_DNS,
+                &review::istiod_review("u"),
+            )
+            .await;
             assert!(
                 v.allowed && v.config_hash().is_some(),
                 "replica {name}: {v:?}"
@@ -150,8 +157,7 @@ async fn two_replicas_share_one_webhook_configuration() {
     }
 
     // A replica that stops withdraws its CA; the other's stays.
-    a.shutdown.cancel();
-    a.wait().await;
+    a.stop().await;
     let after = fake.ca_bundles(MWC);
     for bundle in &after {
         let d = ders(bundle);
@@ -166,11 +172,10 @@ async fn two_replicas_share_one_webhook_configuration() {
         b.https_addr,
         &after[0],
         SERVICE_DNS,
-        &rt::istiod_review("u"),
+        &review::istiod_review("u"),
     )
     .await;
-    b.shutdown.cancel();
-    b.wait().await;
+    b.stop().await;
 }
 
 /// `openssl verify -CAfile <bundle> <leaf>` for the Service name, the check
@@ -181,7 +186,7 @@ fn openssl_verify(
     leaf_der: &[u8],
     name: &str,
 ) -> Result<(), String> {
-    use istio_vault_webhook::tls::ca_bundle::CaCert;
+    use istio_vault_webhook::tls::bundle::CaCert;
     let bundle_path = dir.join("bundle.pem");
     let leaf_path = dir.join(format!("leaf-{name}.pem"));
     std::fs::write(&bundle_path, bundle).unwrap();
@@ -210,7 +215,7 @@ fn openssl_verify(
 /// replicas do: OpenSSL must find each leaf's own CA, not the first one.
 #[test]
 fn self_signed_identities_of_one_second_each_verify_with_openssl() {
-    use istio_vault_webhook::tls::{ca_bundle, self_signed};
+    use istio_vault_webhook::tls::{bundle, self_signed};
     let names = self_signed::service_names("istio-vault-webhook", "istio-vault-webhook");
     let validity = Duration::from_secs(3600);
     // Same second, like two replicas of one Deployment: retry the rare
@@ -224,7 +229,7 @@ fn self_signed_identities_of_one_second_each_verify_with_openssl() {
         }
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let bundle = ca_bundle::merge(b"", &[a.ca(), b.ca()], &[], now).bundle;
+    let bundle = bundle::merge(b"", &[a.ca(), b.ca()], &[], now).bundle;
     let dir = tempfile::tempdir().unwrap();
     let failures: Vec<String> = [("a", &a), ("b", &b)]
         .into_iter()
@@ -259,8 +264,7 @@ async fn replicas_started_together_each_verify_with_openssl() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
     for r in [a, b] {
-        r.shutdown.cancel();
-        r.wait().await;
+        r.stop().await;
     }
 }
 
@@ -325,8 +329,7 @@ async fn reset_by_kubectl_apply_is_repaired_and_bundle_pruned() {
         "foreign CA kept first, expired and junk dropped"
     );
     assert!(!String::from_utf8_lossy(&bundles[0]).contains("copied"));
-    r.shutdown.cancel();
-    r.wait().await;
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,8 +354,7 @@ async fn missing_configuration_is_filled_when_created() {
     )
     .await;
     assert_eq!(bundles.len(), 3);
-    r.shutdown.cancel();
-    r.wait().await;
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,8 +387,7 @@ async fn unready_until_the_api_server_trusts_the_replica() {
     )
     .await;
     ready(&r).await;
-    r.shutdown.cancel();
-    r.wait().await;
+    r.stop().await;
 }
 
 /// Verifies the server certificate against the caBundle stored in the fake
@@ -507,7 +508,7 @@ async fn rotation_publishes_the_new_ca_before_serving_with_it() {
             .unwrap_or_else(|e| panic!("handshake {handshakes} failed: the served certificate was not trusted by the caBundle at that moment: {e}"));
         let mut c = rt::Http1::new(tls);
         let resp = c
-            .request("POST", "/mutate", &rt::istiod_review("r"))
+            .request("POST", "/mutate", &review::istiod_review("r"))
             .await
             .unwrap();
         assert_eq!(resp.status, 200);
@@ -545,6 +546,5 @@ async fn rotation_publishes_the_new_ca_before_serving_with_it() {
         UnixTime::now(),
     )
     .expect("--ca-out trusts the current serving certificate");
-    r.shutdown.cancel();
-    r.wait().await;
+    r.stop().await;
 }

@@ -1,19 +1,22 @@
 //! `serve --config-map NAMESPACE/NAME` against a fake API server: every
-//! semantic of issue 3 item 1, driven through the real server (in-process)
+//! semantic of the ConfigMap source (`src/source/configmap.rs`), driven through the real server (in-process)
 //! and observed the way the API server and an operator would — admission
 //! answers over TLS, `/readyz`, `/metrics` — plus what went over the wire.
 
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
-#[path = "runtime_support/mod.rs"]
-mod rt;
+// Public so that helpers this file does not call are not dead code: each
+// test file takes only the support modules it uses.
+pub mod support {
+    pub mod fake_apiserver;
+    pub mod review;
+    pub mod runtime;
+}
 
 use std::time::Duration;
 
-use fake_apiserver::{FakeApiServer, Kind};
-use istio_vault_webhook::server::Running;
-use rt::{CONFIG_C1, CONFIG_C2, SERVICE_DNS, Verdict};
 use serde_json::json;
+use support::fake_apiserver::{FakeApiServer, Kind};
+use support::review::{self, Verdict};
+use support::runtime::{self as rt, CONFIG_C1, CONFIG_C2, SERVICE_DNS, Server};
 
 const NS: &str = "istio-vault-webhook";
 const NAME: &str = "istio-vault-webhook";
@@ -21,7 +24,7 @@ const CM_PATH: &str = "/api/v1/namespaces/istio-vault-webhook/configmaps";
 /// "Within seconds": generous for a loaded CI machine, far below a relist.
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn start(fake: &FakeApiServer) -> Running {
+async fn start(fake: &FakeApiServer) -> Server {
     rt::start(&[
         "--config-map",
         &format!("{NS}/{NAME}"),
@@ -32,25 +35,25 @@ async fn start(fake: &FakeApiServer) -> Running {
     .await
 }
 
-async fn decide(running: &Running, labels: serde_json::Value) -> Verdict {
+async fn decide(running: &Server, labels: serde_json::Value) -> Verdict {
     let ca = running.ca_pem.as_ref().expect("self-signed CA");
-    let answer = rt::admit(
+    let v = rt::admit(
         running.https_addr,
         ca.as_bytes(),
         SERVICE_DNS,
-        &rt::review("uid-1", labels),
+        &review::labelled_review("uid-1", labels),
     )
     .await;
-    assert_eq!(answer["response"]["uid"], "uid-1");
-    rt::verdict(&answer)
+    assert_eq!(v.uid, "uid-1");
+    v
 }
 
-async fn istiod(running: &Running) -> Verdict {
+async fn istiod(running: &Server) -> Verdict {
     decide(running, json!({"app": "istiod"})).await
 }
 
 /// Waits until istiod Pods are admitted with `cluster`'s auth path.
-async fn served(running: &Running, cluster: &str) -> Verdict {
+async fn served(running: &Server, cluster: &str) -> Verdict {
     let want = format!("auth/kubernetes-{cluster}");
     rt::eventually(&format!("istiod admitted with {want}"), WAIT, async || {
         let v = istiod(running).await;
@@ -60,23 +63,23 @@ async fn served(running: &Running, cluster: &str) -> Verdict {
 }
 
 /// Waits until istiod Pods are denied with a message containing `needle`.
-async fn denied(running: &Running, needle: &str) -> Verdict {
+async fn denied(running: &Server, needle: &str) -> Verdict {
     rt::eventually(
         &format!("istiod denied with a message containing {needle:?}"),
         WAIT,
         async || {
             let v = istiod(running).await;
-            (!v.allowed && v.message.contains(needle)).then_some(v)
+            (!v.allowed && v.message().contains(needle)).then_some(v)
         },
     )
     .await
 }
 
-async fn readyz(running: &Running) -> rt::Response {
+async fn readyz(running: &Server) -> rt::Response {
     rt::admin_get(running.admin_addr, "/readyz").await
 }
 
-async fn metrics(running: &Running) -> String {
+async fn metrics(running: &Server) -> String {
     rt::admin_get(running.admin_addr, "/metrics").await.text()
 }
 
@@ -114,21 +117,21 @@ async fn absent_configmap_denies_istiod_with_instructions_and_allows_others() {
     let v = istiod(&running).await;
     assert!(!v.allowed, "istiod must be denied without a config: {v:?}");
     assert!(
-        v.message
+        v.message()
             .contains("ConfigMap istio-vault-webhook/istio-vault-webhook not found"),
         "the denial names the ConfigMap: {}",
-        v.message
+        v.message()
     );
     assert!(
-        v.message.contains(
+        v.message().contains(
             "kubectl -n istio-vault-webhook create configmap istio-vault-webhook --from-file=config.yaml"
         ),
         "the denial says how to create it: {}",
-        v.message
+        v.message()
     );
 
     let other = decide(&running, json!({"app": "productpage"})).await;
-    assert!(other.allowed && other.annotations.is_empty(), "{other:?}");
+    assert!(other.allowed && other.annotations().is_empty(), "{other:?}");
 
     // Ready (so the API server gets our clear denial), config state in the body.
     let r = readyz(&running).await;
@@ -152,8 +155,7 @@ async fn absent_configmap_denies_istiod_with_instructions_and_allows_others() {
         "{:#?}",
         fake.requests()
     );
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,8 +197,7 @@ async fn created_then_edited_configmap_is_served_and_changes_the_config_hash() {
     );
     // One list, then watch events: no polling of the object.
     assert_eq!(lists(&fake), 1, "{:#?}", fake.requests());
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,8 +269,7 @@ async fn invalid_edit_keeps_the_last_good_config_and_reports_it() {
     served(&running, "cluster2").await;
     let t = readyz(&running).await.text();
     assert!(!t.contains("last config error"), "{t}");
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,10 +286,10 @@ async fn deleted_configmap_denies_istiod_again() {
     )
     .await;
     assert!(
-        v.message
+        v.message()
             .contains("kubectl -n istio-vault-webhook create configmap"),
         "{}",
-        v.message
+        v.message()
     );
     let m = metrics(&running).await;
     assert_eq!(
@@ -301,8 +301,7 @@ async fn deleted_configmap_denies_istiod_again() {
     // And back.
     fake.apply_configmap(NS, NAME, &[("config.yaml", CONFIG_C1)]);
     served(&running, "cluster1").await;
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,8 +333,7 @@ async fn watch_closed_by_the_server_is_resumed_from_the_last_version() {
         "resumed without a relist: {:#?}",
         fake.requests()
     );
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,8 +377,7 @@ async fn api_server_down_then_back_replays_changes_made_meanwhile() {
         "caught up by replay, not relist: {:#?}",
         fake.requests()
     );
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,8 +406,7 @@ async fn too_old_resource_version_relists_and_notices_a_deletion() {
     // And it keeps following: created again.
     fake.apply_configmap(NS, NAME, &[("config.yaml", CONFIG_C2)]);
     served(&running, "cluster2").await;
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,13 +424,12 @@ async fn unreachable_api_at_start_serves_and_explains_then_recovers() {
     let v = istiod(&running).await;
     assert!(!v.allowed);
     assert!(
-        v.message
+        v.message()
             .contains("cannot read ConfigMap istio-vault-webhook/istio-vault-webhook"),
         "{}",
-        v.message
+        v.message()
     );
     fake.restart().await;
     served(&running, "cluster1").await;
-    running.shutdown.cancel();
-    running.wait().await;
+    running.stop().await;
 }

@@ -2,10 +2,13 @@
 //! request in flight; JSON logs; in-cluster defaults (the Pod namespace's
 //! ConfigMap through the kubeconfig/in-cluster client).
 
-#[path = "support/fake_apiserver.rs"]
-mod fake_apiserver;
-#[path = "runtime_support/mod.rs"]
-mod rt;
+// Public so that helpers this file does not call are not dead code: each
+// test file takes only the support modules it uses.
+pub mod support {
+    pub mod fake_apiserver;
+    pub mod review;
+    pub mod runtime;
+}
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -13,9 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fake_apiserver::FakeApiServer;
-use rt::{CONFIG_C1, SERVICE_DNS};
 use serde_json::Value;
+use support::fake_apiserver::FakeApiServer;
+use support::review;
+use support::runtime::{self as rt, CONFIG_C1, SERVICE_DNS};
 use tokio::io::AsyncWriteExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_istio-vault-webhook");
@@ -160,13 +164,17 @@ async fn sigterm_finishes_in_flight_requests_closes_idle_connections_and_exits()
         .unwrap();
     let mut idle = rt::Http1::new(tls);
     let r = idle
-        .request("POST", "/mutate?timeout=10s", &rt::istiod_review("idle"))
+        .request(
+            "POST",
+            "/mutate?timeout=10s",
+            &review::istiod_review("idle"),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200);
 
     // A request in flight: headers and half of the body sent.
-    let body = rt::istiod_review("in-flight");
+    let body = review::istiod_review("in-flight");
     let tls = rt::tls_connect(server.https, client(), SERVICE_DNS)
         .await
         .unwrap();
@@ -287,13 +295,13 @@ async fn in_cluster_defaults_follow_the_pod_namespace_configmap() {
     );
     let ca = std::fs::read(&ca_out).unwrap();
     let name = "istio-vault-webhook.team-x.svc";
-    let v = rt::verdict(&rt::admit(server.https, &ca, name, &rt::istiod_review("1")).await);
+    let v = rt::admit(server.https, &ca, name, &review::istiod_review("1")).await;
     assert!(!v.allowed);
     assert!(
-        v.message
+        v.message()
             .contains("ConfigMap team-x/istio-vault-webhook not found"),
         "{}",
-        v.message
+        v.message()
     );
 
     fake.apply_configmap(
@@ -305,7 +313,7 @@ async fn in_cluster_defaults_follow_the_pod_namespace_configmap() {
         "istiod admitted once the ConfigMap exists",
         Duration::from_secs(15),
         async || {
-            let v = rt::verdict(&rt::admit(server.https, &ca, name, &rt::istiod_review("2")).await);
+            let v = rt::admit(server.https, &ca, name, &review::istiod_review("2")).await;
             v.allowed.then_some(())
         },
     )
@@ -414,7 +422,7 @@ async fn a_second_instance_on_taken_ports_fails_at_once_and_keeps_the_first_ones
         b"kept\n",
         "--ca-out written"
     );
-    let v = rt::verdict(&rt::admit(first.https, &ca, "localhost", &rt::istiod_review("1")).await);
+    let v = rt::admit(first.https, &ca, "localhost", &review::istiod_review("1")).await;
     assert!(v.allowed, "{v:?}");
     first.sigterm();
 }

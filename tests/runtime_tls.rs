@@ -3,8 +3,12 @@
 //! while existing ones finish; `--client-ca` requires a client certificate
 //! signed by that CA.
 
-#[path = "runtime_support/mod.rs"]
-mod rt;
+// Public so that helpers this file does not call are not dead code: each
+// test file takes only the support modules it uses.
+pub mod support {
+    pub mod review;
+    pub mod runtime;
+}
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,9 +17,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use rt::{CONFIG_C1, SERVICE_DNS};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::review;
+use support::runtime::{self as rt, CONFIG_C1, SERVICE_DNS};
 
 struct Ca {
     pem: String,
@@ -129,7 +134,7 @@ async fn kubelet_symlink_swap_reloads_the_serving_certificate() {
     let first = rt::peer_cert(&tls);
     let mut before = rt::Http1::new(tls);
     let resp = before
-        .request("POST", "/mutate", &rt::istiod_review("a"))
+        .request("POST", "/mutate", &review::istiod_review("a"))
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
@@ -168,7 +173,7 @@ async fn kubelet_symlink_swap_reloads_the_serving_certificate() {
 
     // The connection made before finishes on the certificate it started with.
     let resp = before
-        .request("POST", "/mutate", &rt::istiod_review("b"))
+        .request("POST", "/mutate", &review::istiod_review("b"))
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
@@ -183,8 +188,7 @@ async fn kubelet_symlink_swap_reloads_the_serving_certificate() {
         not_after(&cert2) as f64,
         "{m}"
     );
-    r.shutdown.cancel();
-    r.wait().await;
+    r.stop().await;
 }
 
 fn client_identity(
@@ -207,7 +211,7 @@ async fn answered(addr: std::net::SocketAddr, config: rustls::ClientConfig) -> b
     };
     let mut c = rt::Http1::new(tls);
     matches!(
-        tokio::time::timeout(Duration::from_secs(5), c.request("POST", "/mutate", &rt::istiod_review("c"))).await,
+        tokio::time::timeout(Duration::from_secs(5), c.request("POST", "/mutate", &review::istiod_review("c"))).await,
         Ok(Ok(resp)) if resp.status == 200
     )
 }
@@ -265,6 +269,5 @@ async fn client_ca_requires_a_certificate_signed_by_it() {
         answered(r.https_addr, good).await,
         "a certificate signed by --client-ca gets through"
     );
-    r.shutdown.cancel();
-    r.wait().await;
+    r.stop().await;
 }

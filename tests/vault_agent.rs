@@ -1,6 +1,6 @@
 //! End-to-end proof that the Vault Agent templates the webhook writes render,
 //! with a real agent, into files that are byte-for-byte the values stored in
-//! Vault (SPEC §4).
+//! Vault (docs/design.md: the template's trim markers).
 //!
 //! Each test:
 //! 1. starts `bao server -dev` (OpenBao, installed by `scripts/install-test-tools`;
@@ -17,8 +17,9 @@
 //! 5. checks that the rendered files are exactly the configured ones and that
 //!    each equals the stored value byte for byte.
 
-#[path = "support/bao.rs"]
-mod bao;
+pub mod support {
+    pub mod bao;
+}
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -26,8 +27,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use bao::{BaoDev, diff_bytes, host_path, injected_secrets, list_files, run_with_timeout};
 use serde_json::{Value, json};
+use support::bao::{
+    self, BaoDev, diff_bytes, host_path, injected_secrets, list_files, run_with_timeout,
+};
 
 const WEBHOOK: &str = env!("CARGO_BIN_EXE_istio-vault-webhook");
 
@@ -454,7 +457,7 @@ fn run_case(case: Case<'_>) {
             serde_json::to_string_pretty(&patch).unwrap()
         );
     } else {
-        // SPEC §3: no env var is added for gateways.
+        // No env var is added for gateways (docs/design.md, rule 9).
         for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
             let name = c["name"].as_str().unwrap_or_default();
             assert!(

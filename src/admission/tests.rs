@@ -1,4 +1,5 @@
-//! The review envelope: what the API server sends and requires back (SPEC §4, §6).
+//! The review envelope: what the API server sends and requires back
+//! (docs/design.md: the rules of the patch and the API server's facts).
 
 use serde_json::{Value, json};
 

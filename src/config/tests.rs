@@ -1,4 +1,4 @@
-//! One test per rule of SPEC §3.
+//! One test per rule of the README's "Configuration reference".
 
 use super::*;
 
@@ -40,7 +40,12 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.secret_volume_path, "/vault/secrets");
     let istiod = c.istiod().unwrap();
     assert_eq!(istiod.name, "istiod");
-    assert_eq!(istiod.container.as_deref(), Some("discovery"));
+    assert_eq!(
+        istiod.kind,
+        ProfileKind::Istiod {
+            container: "discovery".into()
+        }
+    );
     assert_eq!(
         istiod.selector,
         BTreeMap::from([("app".into(), "istiod".into())])
@@ -68,7 +73,7 @@ fn the_embedded_example_is_valid() {
     let c = Config::parse(EXAMPLE_CONFIG).unwrap();
     let names: Vec<_> = c.profiles.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["istiod", "ingressgateway"]);
-    assert!(c.profiles[1].container.is_none());
+    assert_eq!(c.profiles[1].kind, ProfileKind::Gateway);
 }
 
 #[test]

@@ -239,3 +239,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn write_str_writes_what_serde_json_writes() {
+    let mut strings: Vec<String> = (0u8..0x80).map(|b| char::from(b).to_string()).collect();
+    strings.extend(
+        [
+            "",
+            "0123456789abcdef\"0123456789abcdef\n",
+            "tab\there é ü 日本 \u{10ffff} \u{7f}",
+        ]
+        .map(String::from),
+    );
+    for s in &strings {
+        let mut out = Vec::new();
+        write_str(&mut out, s);
+        assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+    }
+}

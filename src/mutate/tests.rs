@@ -1,4 +1,4 @@
-//! One test per rule of SPEC §4, on the pure decision function.
+//! One test per rule of the patch (docs/design.md), on the pure decision function.
 
 use serde_json::{Value, json};
 

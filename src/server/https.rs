@@ -19,12 +19,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission;
-use crate::metrics::{AdmissionLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::mutate::Outcome;
 use crate::source::ConfigStore;
 
 /// The API server sends at most ~3 MiB objects; 7 MiB leaves room for the
-/// review envelope (SPEC §5). Larger bodies get 413.
+/// review envelope. Larger bodies get 413.
 pub const MAX_BODY: usize = 7 * 1024 * 1024;
 /// Bound on a TLS handshake and on reading a request's headers. The API
 /// server gives up on a webhook after `timeoutSeconds` (≤ 10 s) anyway.
@@ -89,20 +89,12 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
     let snapshot = app.config.load();
     let result = admission::review(&body, snapshot.state());
     let elapsed = start.elapsed();
-    app.metrics
-        .admission_duration
-        .observe(elapsed.as_secs_f64());
+    app.metrics.admission_took(elapsed);
     match result {
         Ok(reviewed) => {
             let outcome = reviewed.outcome();
             let profile = reviewed.decision.profile().unwrap_or("");
-            app.metrics
-                .admissions
-                .get_or_create(&AdmissionLabels {
-                    profile: profile.to_owned(),
-                    outcome: outcome.as_str(),
-                })
-                .inc();
+            app.metrics.admission(profile, outcome);
             // Not `message`: that is the event's own field in JSON logs.
             let reason = match &reviewed.decision {
                 crate::mutate::Decision::Deny { message, .. } => message.as_str(),
@@ -122,13 +114,7 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
             ([(header::CONTENT_TYPE, "application/json")], reviewed.body).into_response()
         }
         Err(bad) => {
-            app.metrics
-                .admissions
-                .get_or_create(&AdmissionLabels {
-                    profile: String::new(),
-                    outcome: Outcome::Error.as_str(),
-                })
-                .inc();
+            app.metrics.admission("", Outcome::Error);
             tracing::warn!(error = %bad, "admission: bad request");
             let mut line = bad.0;
             line.retain(|c| c != '\n');
@@ -141,11 +127,9 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
 /// Where connections are served: the runtime that accepts them, or one of
 /// `--workers` single-threaded runtimes (like nginx's workers). A
 /// connection stays on one thread for its life: no work stealing, no
-/// cross-thread wakeups, no atomics in the scheduler. Against tokio's
-/// multi-threaded runtime this saved 3–5 µs of CPU per admission under
-/// `scripts/bench` (about a tenth of the total); with the load generator
-/// on the same two cores, one worker beat two (26.8 against 32.5 µs, p99
-/// 0.9 against 1.9 ms), since two workers and h2load share two cores.
+/// cross-thread wakeups, no atomics in the scheduler. Both choices, and
+/// the default of one worker on a two-core node, were measured with
+/// `scripts/bench` (README, "Benchmarks").
 #[derive(Clone, Default)]
 pub struct Workers(Arc<[Worker]>);
 

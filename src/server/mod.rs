@@ -313,7 +313,7 @@ impl Steps<'_> {
             _ => None,
         };
         let ca_pem = Some(generated.ca_pem.clone());
-        let rotation = self_signed::Rotation {
+        let rotation = self_signed::Rotator {
             names,
             validity,
             certs: certs.clone(),

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ConfigStore;
 use crate::config::Config;
-use crate::metrics::{Metrics, WatchLabels};
+use crate::metrics::Metrics;
 
 /// The key of the ConfigMap that holds the config.
 pub const KEY: &str = "config.yaml";
@@ -266,10 +266,7 @@ pub async fn watch(
                 }
             }
             Some(Err(e)) => {
-                metrics
-                    .watch_errors
-                    .get_or_create(&WatchLabels { watch: "configmap" })
-                    .inc();
+                metrics.watch_error("configmap");
                 let error = describe(&e);
                 tracing::warn!(configmap = %target, error = %error, "ConfigMap watch failed; retrying with backoff");
                 tracker.error(&error);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
-use crate::metrics::{ConfigLabels, Metrics, SourceLabels};
+use crate::metrics::Metrics;
 use crate::mutate::ConfigState;
 
 /// What the admission path sees at one instant.
@@ -44,7 +44,7 @@ pub struct ConfigStore {
 
 impl ConfigStore {
     pub fn new(metrics: Arc<Metrics>, source: &'static str, missing: impl Into<String>) -> Self {
-        metrics.config_loaded.set(0);
+        metrics.config_missing(None);
         ConfigStore {
             current: ArcSwap::from_pointee(Snapshot {
                 config: None,
@@ -64,16 +64,13 @@ impl ConfigStore {
     /// A valid config is now in force.
     pub fn set(&self, config: Config) {
         let old = self.current.load_full();
-        if let Some(prev) = &old.config {
-            self.metrics.config_info.remove(&labels(prev));
-        }
         let generation = old.generation + 1;
-        self.metrics.config_generation.set(generation as i64);
-        self.metrics.config_loaded.set(1);
-        self.metrics
-            .config_info
-            .get_or_create(&labels(&config))
-            .set(1);
+        self.metrics.config_loaded(
+            generation,
+            &config.cluster,
+            &config.hash,
+            old.config.as_deref().map(labels),
+        );
         tracing::info!(
             cluster = %config.cluster,
             hash = %config.hash,
@@ -92,10 +89,8 @@ impl ConfigStore {
     /// The config is gone (e.g. the ConfigMap was deleted): fail closed.
     pub fn clear(&self, why: impl Into<String>) {
         let old = self.current.load_full();
-        if let Some(prev) = &old.config {
-            self.metrics.config_info.remove(&labels(prev));
-        }
-        self.metrics.config_loaded.set(0);
+        self.metrics
+            .config_missing(old.config.as_deref().map(labels));
         let why = why.into();
         tracing::warn!(source = self.source, reason = %why, "no config: istiod Pods will be denied");
         self.current.store(Arc::new(Snapshot {
@@ -109,12 +104,7 @@ impl ConfigStore {
     /// A load failed: keep the last good config, remember and count the error.
     pub fn reject(&self, error: impl Into<String>) {
         let error = error.into();
-        self.metrics
-            .config_load_errors
-            .get_or_create(&SourceLabels {
-                source: self.source,
-            })
-            .inc();
+        self.metrics.config_rejected(self.source);
         let old = self.current.load_full();
         tracing::error!(
             source = self.source,
@@ -136,11 +126,9 @@ impl ConfigStore {
     }
 }
 
-fn labels(c: &Config) -> ConfigLabels {
-    ConfigLabels {
-        cluster: c.cluster.clone(),
-        hash: c.hash.clone(),
-    }
+/// The labels of a config's `config_info` series.
+fn labels(c: &Config) -> (&str, &str) {
+    (&c.cluster, &c.hash)
 }
 
 fn first_line(s: &str) -> &str {

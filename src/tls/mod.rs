@@ -5,6 +5,7 @@
 //! from an `ArcSwap`: a rotation affects new connections only, and existing
 //! connections finish on the certificate they started with.
 
+pub mod bundle;
 pub mod ca_bundle;
 pub mod self_signed;
 
@@ -73,7 +74,7 @@ impl CertStore {
     fn record_expiry(&self) {
         let key = self.current.load();
         if let Some(t) = key.cert.first().and_then(|c| not_after(c)) {
-            self.metrics.tls_not_after.set(t);
+            self.metrics.tls_expiry(t);
         }
     }
 }

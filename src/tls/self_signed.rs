@@ -22,8 +22,14 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::CertStore;
-use super::ca_bundle::{CaBundle, CaCert};
+use super::bundle::CaCert;
+use super::ca_bundle::CaBundle;
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
+
+/// Between failed attempts to publish the next CA: the current certificate
+/// is still valid for a third of its life, so there is no hurry.
+const PUBLISH_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// One generated CA with the serving certificate it signed.
 pub struct SelfSigned {
@@ -173,7 +179,7 @@ fn replica_name() -> Option<String> {
 }
 
 /// Rotates a self-signed CA and serving certificate before they expire.
-pub struct Rotation {
+pub struct Rotator {
     pub names: Vec<String>,
     pub validity: Duration,
     pub certs: Arc<CertStore>,
@@ -184,7 +190,7 @@ pub struct Rotation {
     pub metrics: Arc<Metrics>,
 }
 
-impl Rotation {
+impl Rotator {
     /// Time between publishing a new CA and serving with it: lets every API
     /// server replica's informer see the new caBundle first.
     pub fn propagation_delay(&self) -> Duration {
@@ -224,10 +230,8 @@ impl Rotation {
                 match self.publish(&both).await {
                     Ok(()) => break,
                     Err(e) => {
+                        let wait = PUBLISH_BACKOFF.pause(failures);
                         failures += 1;
-                        let wait = Duration::from_millis(500)
-                            .saturating_mul(1 << failures.min(6))
-                            .min(Duration::from_secs(30));
                         tracing::warn!(
                             error = %format!("{e:#}"),
                             retry_in_s = wait.as_secs_f32(),
@@ -249,7 +253,7 @@ impl Rotation {
                 // finish on it.
                 bundle.require(vec![next.ca()]);
             }
-            self.metrics.tls_rotations.inc();
+            self.metrics.tls_rotated();
             tracing::info!(
                 not_after = %next.not_after,
                 renew_at = %next.renew_at(),

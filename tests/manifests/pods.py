@@ -93,7 +93,7 @@ def bare_pod():
 
 
 def after_istio_vault_webhook(pod, secret_volume_path="/vault/secrets"):
-    """The annotations and env var SPEC §4 says our webhook leaves on an istiod Pod."""
+    """The annotations and env var docs/design.md says our webhook leaves on an istiod Pod."""
     pod = copy.deepcopy(pod)
     ann = pod["metadata"].setdefault("annotations", {})
     ann.update({

@@ -28,7 +28,7 @@
 //! restarting it on the same port, compacting the history, making the next
 //! N updates conflict as if another client had written in between.
 
-#![allow(dead_code, clippy::result_large_err)]
+#![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -145,13 +145,17 @@ struct Inner {
     state: Mutex<State>,
     /// Cancelled by `stop`: drops every connection of the current listener.
     running: Mutex<CancellationToken>,
+    /// Parent of every listener's token, cancelled when the last handle
+    /// drops (the accept loop's own `Arc<Inner>` does not keep it alive).
+    root: CancellationToken,
 }
 
-/// A running fake API server.
+/// A running fake API server; it stops when its last clone drops.
 #[derive(Clone)]
 pub struct FakeApiServer {
     inner: Arc<Inner>,
     addr: SocketAddr,
+    _stop: Arc<tokio_util::sync::DropGuard>,
 }
 
 fn now_rfc3339() -> String {
@@ -394,16 +398,22 @@ impl FakeApiServer {
     pub async fn start() -> FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let token = CancellationToken::new();
+        let root = CancellationToken::new();
+        let token = root.child_token();
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 rv: 1000,
                 ..State::default()
             }),
             running: Mutex::new(token.clone()),
+            root: root.clone(),
         });
         tokio::spawn(accept_loop(listener, inner.clone(), token));
-        FakeApiServer { inner, addr }
+        FakeApiServer {
+            inner,
+            addr,
+            _stop: Arc::new(root.drop_guard()),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -593,7 +603,7 @@ impl FakeApiServer {
                 Err(e) => panic!("fake API server cannot rebind {}: {e}", self.addr),
             }
         };
-        let token = CancellationToken::new();
+        let token = self.inner.root.child_token();
         *self.inner.running.lock().unwrap() = token.clone();
         tokio::spawn(accept_loop(listener, self.inner.clone(), token));
     }

@@ -1,26 +1,25 @@
 //! Helpers shared by the `runtime_*` tests: start the real server
-//! in-process, talk HTTP/1.1 over TLS like the API server does, build
-//! AdmissionReviews, poll with a deadline.
-
-#![allow(dead_code)]
+//! in-process (stopped when dropped), talk raw HTTP/1.1 over TLS like the API
+//! server does (down to a request head sent without its body), poll with a
+//! deadline. Reviews are built and answers decoded by `review.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::Parser;
 use istio_vault_webhook::cli::ServeArgs;
 use istio_vault_webhook::server::{self, Running};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
+
+use super::review::{Verdict, decode_response};
 
 /// The DNS name the API server verifies for the default Service.
 pub const SERVICE_DNS: &str = "istio-vault-webhook.istio-vault-webhook.svc";
@@ -41,8 +40,39 @@ profiles:
     secretPath: kubernetes-cluster2-secrets/istiod-service/certs
 ";
 
+/// The real server, started in-process; stopped (without waiting for the
+/// drain) when dropped, so a failing test does not leave it serving.
+pub struct Server(Option<Running>);
+
+impl std::ops::Deref for Server {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        self.0
+            .as_ref()
+            .expect("a Server holds its Running until stop")
+    }
+}
+
+impl Server {
+    /// Signals shutdown and waits until the servers have drained and stopped.
+    pub async fn stop(mut self) {
+        if let Some(running) = self.0.take() {
+            running.shutdown.cancel();
+            running.wait().await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(running) = &self.0 {
+            running.shutdown.cancel();
+        }
+    }
+}
+
 /// Starts the real server in-process on ephemeral loopback ports.
-pub async fn start(args: &[&str]) -> Running {
+pub async fn start(args: &[&str]) -> Server {
     #[derive(Parser)]
     struct P {
         #[command(flatten)]
@@ -57,9 +87,10 @@ pub async fn start(args: &[&str]) -> Running {
     ];
     argv.extend_from_slice(args);
     let parsed = P::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    server::start(parsed.serve, CancellationToken::new())
+    let running = server::start(parsed.serve, CancellationToken::new())
         .await
-        .unwrap_or_else(|e| panic!("server::start {argv:?}: {e:#}"))
+        .unwrap_or_else(|e| panic!("server::start {argv:?}: {e:#}"));
+    Server(Some(running))
 }
 
 /// Polls `f` until it returns Some, failing with `what` after `timeout`.
@@ -309,8 +340,9 @@ pub fn peer_cert(stream: &TlsStream<TcpStream>) -> Vec<u8> {
         .expect("server presented a certificate")
 }
 
-/// Connects trusting only `ca_pem` for `name`, POSTs `review` to /mutate.
-pub async fn admit(addr: SocketAddr, ca_pem: &[u8], name: &str, review: &[u8]) -> Value {
+/// Connects trusting only `ca_pem` for `name`, POSTs `review` to /mutate and
+/// decodes the answer as the API server would.
+pub async fn admit(addr: SocketAddr, ca_pem: &[u8], name: &str, review: &[u8]) -> Verdict {
     let tls = tls_connect(addr, client_config(roots(ca_pem), None), name)
         .await
         .unwrap_or_else(|e| panic!("TLS to {addr} as {name}: {e}"));
@@ -320,84 +352,7 @@ pub async fn admit(addr: SocketAddr, ca_pem: &[u8], name: &str, review: &[u8]) -
         .await
         .expect("POST /mutate");
     assert_eq!(r.status, 200, "POST /mutate: {}", r.text());
-    r.json()
-}
-
-// --- AdmissionReview ---------------------------------------------------------
-
-/// A Pod CREATE review as the API server sends it.
-pub fn review(uid: &str, labels: Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": uid,
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": "istio-system",
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
-            "object": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"generateName": "pod-", "namespace": "istio-system", "labels": labels},
-                "spec": {"containers": [{"name": "discovery", "image": "istio/pilot:1.28.0"}]}
-            },
-            "oldObject": null,
-            "dryRun": false,
-            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
-        }
-    }))
-    .unwrap()
-}
-
-pub fn istiod_review(uid: &str) -> Vec<u8> {
-    review(uid, json!({"app": "istiod", "istio.io/rev": "default"}))
-}
-
-/// What an AdmissionReview response decided.
-#[derive(Debug)]
-pub struct Verdict {
-    pub allowed: bool,
-    pub message: String,
-    /// Annotations the patch sets (key → value).
-    pub annotations: serde_json::Map<String, Value>,
-}
-
-pub fn verdict(answer: &Value) -> Verdict {
-    let r = &answer["response"];
-    let mut annotations = serde_json::Map::new();
-    if let Some(p) = r["patch"].as_str() {
-        let ops: Value = serde_json::from_slice(&BASE64.decode(p).expect("base64 patch")).unwrap();
-        for op in ops.as_array().unwrap() {
-            let path = op["path"].as_str().unwrap_or("");
-            if path == "/metadata/annotations" {
-                annotations.extend(op["value"].as_object().cloned().unwrap_or_default());
-            } else if let Some(k) = path.strip_prefix("/metadata/annotations/") {
-                annotations.insert(k.replace("~1", "/").replace("~0", "~"), op["value"].clone());
-            }
-        }
-    }
-    Verdict {
-        allowed: r["allowed"].as_bool().unwrap_or(false),
-        message: r["status"]["message"].as_str().unwrap_or("").to_owned(),
-        annotations,
-    }
-}
-
-impl Verdict {
-    pub fn config_hash(&self) -> Option<String> {
-        self.annotations
-            .get("istio-vault-webhook/config-hash")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    }
-    pub fn auth_path(&self) -> Option<String> {
-        self.annotations
-            .get("vault.hashicorp.com/auth-path")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    }
+    let sent: Value = serde_json::from_slice(review).expect("the review is JSON");
+    let uid = sent["request"]["uid"].as_str().unwrap_or("");
+    decode_response(&r.body, uid).unwrap_or_else(|e| panic!("{e}\nbody: {}", r.text()))
 }
