@@ -26,6 +26,8 @@ pub enum Command {
     Render(RenderArgs),
     /// Validate config files or ConfigMap manifests; exit 1 if any is invalid.
     Check(CheckArgs),
+    /// Check a live cluster: webhook and injector registration, policies, ConfigMap, Pods.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

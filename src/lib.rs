@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod json;
 pub mod metrics;
 pub mod mutate;
