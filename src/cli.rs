@@ -28,6 +28,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Check a live cluster: webhook and injector registration, policies, ConfigMap, Pods.
     Doctor(crate::doctor::DoctorArgs),
+    /// Print the config as native admission policies (MutatingAdmissionPolicy, Kubernetes >= 1.36).
+    Export(crate::export::ExportArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

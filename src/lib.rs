@@ -11,6 +11,7 @@ pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod export;
 pub mod json;
 pub mod metrics;
 pub mod mutate;

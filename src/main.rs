@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Doctor(args)) => ExitCode::from(istio_vault_webhook::doctor::main(&args)),
+        Some(Command::Export(args)) => ExitCode::from(istio_vault_webhook::export::main(&args)),
         None => serve(ServeArgs::default_for_cli()),
     }
 }
