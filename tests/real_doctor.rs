@@ -17,6 +17,7 @@ mod support {
 use std::path::Path;
 use std::process::Command;
 
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use support::bao::{BaoDev, free_port};
@@ -260,6 +261,80 @@ fn doctor_on_the_real_control_plane() {
         "mutatingwebhookconfiguration",
         "zz-istio-vault-webhook",
     ]);
+
+    // A caBundle that does not trust what the webhook serves (a copy of our configuration that
+    // the webhook does not keep current, with the cluster CA as its bundle).
+    let mut untrusted = mwc.clone();
+    untrusted["metadata"] = json!({"name": "aa-istio-vault-webhook"});
+    untrusted["webhooks"][0]["clientConfig"]["caBundle"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(&cp.ca.cert_pem));
+    cp.apply(&[untrusted]);
+    let r = doctor(cp, &["--webhook-config", "aa-istio-vault-webhook"]);
+    assert_eq!(
+        r.failures(),
+        [format!(
+            "✘ caBundle of pods.istio-vault-webhook.svc trusts the webhook's certificate: {url} \
+             serves a certificate caBundle does not verify: invalid peer certificate: \
+             UnknownIssuer — fix: the webhook fills it itself with --tls-self-signed \
+             --webhook-config (check its logs and its RBAC on mutatingwebhookconfigurations), or \
+             cert-manager's CA injector does (components/cert-manager)"
+        )]
+    );
+    assert_eq!(r.code, 1);
+    cp.kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "aa-istio-vault-webhook",
+    ]);
+
+    // A guard whose CEL does not type-check (status.typeChecking, not an apply warning).
+    let guard = cp.get_json(&["validatingadmissionpolicy", GUARD]);
+    let mut broken = json!({
+        "apiVersion": guard["apiVersion"], "kind": guard["kind"],
+        "metadata": {"name": GUARD}, "spec": guard["spec"].clone(),
+    });
+    broken["spec"]["validations"][0]["expression"] = json!("object.spec.noSuchField == 'x'");
+    cp.apply(&[broken]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let r = loop {
+        let r = doctor(cp, &[]);
+        if !r.failures().is_empty() || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let failures = r.failures();
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    let prefix = format!(
+        "✘ guard ValidatingAdmissionPolicy {GUARD} exists and type-checks: its CEL does not \
+         type-check: spec.validations[0].expression: "
+    );
+    assert!(
+        failures[0].starts_with(&prefix)
+            && failures[0].contains("noSuchField")
+            && failures[0].ends_with(
+                "— fix: re-apply the shipped policy (manifests/base/validatingadmissionpolicy.yaml)"
+            ),
+        "{}",
+        failures[0]
+    );
+    println!("guard does not type-check:\n{}", failures[0]);
+    cp.apply(&[json!({
+        "apiVersion": guard["apiVersion"], "kind": guard["kind"],
+        "metadata": {"name": GUARD}, "spec": guard["spec"].clone(),
+    })]);
+    // Re-checked: same generation observed, and no warnings left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let vap = cp.get_json(&["validatingadmissionpolicy", GUARD]);
+        if vap["status"]["observedGeneration"] == vap["metadata"]["generation"]
+            && vap["status"]["typeChecking"]["expressionWarnings"].is_null()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{vap}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
 
     // The guard's binding deleted.
     cp.kubectl(&["delete", "validatingadmissionpolicybinding", GUARD]);

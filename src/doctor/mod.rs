@@ -705,7 +705,10 @@ impl Doctor<'_> {
                     .and_then(|t| t.expression_warnings.clone())
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|w| format!("{}: {}", w.field_ref, w.warning.replace('\n', " ")))
+                    .map(|w| {
+                        let text: Vec<&str> = w.warning.split_whitespace().collect();
+                        format!("{}: {}", w.field_ref, text.join(" "))
+                    })
                     .collect();
                 if warnings.is_empty() {
                     out.push(Check::pass(&exists, ""));
