@@ -29,6 +29,10 @@ pub enum Command {
     /// Make the Istio CA hierarchy: a root, and per cluster an intermediate as istiod's files
     /// and as a `bao kv put PATH @FILE` body.
     Certs(crate::certs::CertsArgs),
+    /// Check a live cluster: webhook and injector registration, policies, ConfigMap, Pods.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Print the config as native admission policies (MutatingAdmissionPolicy, Kubernetes >= 1.36).
+    Export(crate::export::ExportArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,6 +13,8 @@ pub mod backoff;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod doctor;
+pub mod export;
 pub mod json;
 pub mod metrics;
 pub mod mutate;

@@ -32,6 +32,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Doctor(args)) => ExitCode::from(istio_vault_webhook::doctor::main(&args)),
+        Some(Command::Export(args)) => ExitCode::from(istio_vault_webhook::export::main(&args)),
         None => serve(ServeArgs::default_for_cli()),
     }
 }
