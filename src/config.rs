@@ -653,7 +653,13 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
         names.push((f.into(), "istiod"));
         selectors.push((f.into(), "istiod", &i.selector));
         check_profile_common(f, &i.role, &i.secret_path, &i.selector, &i.files, &mut bad);
-        check_render_interval(f, i.rotation, i.render_interval.as_deref(), &mut bad);
+        check_render_interval(
+            f,
+            raw.vault.kv_version,
+            i.rotation,
+            i.render_interval.as_deref(),
+            &mut bad,
+        );
         if i.container.trim().is_empty() {
             bad(format!("{f}.container"), "must not be empty".into());
         }
@@ -690,7 +696,13 @@ fn validate(raw: &RawConfig, problems: &mut Vec<Problem>) {
         names.push((format!("{f}.name"), &g.name));
         selectors.push((f.clone(), &g.name, &g.selector));
         check_profile_common(&f, &g.role, &g.secret_path, &g.selector, &g.files, &mut bad);
-        check_render_interval(&f, g.rotation, g.render_interval.as_deref(), &mut bad);
+        check_render_interval(
+            &f,
+            raw.vault.kv_version,
+            g.rotation,
+            g.render_interval.as_deref(),
+            &mut bad,
+        );
         if g.files.is_empty() {
             bad(format!("{f}.files"), "must name at least one file".into());
         }
@@ -780,6 +792,7 @@ fn check_profile_common(
 
 fn check_render_interval(
     f: &str,
+    kv_version: u8,
     rotation: Rotation,
     interval: Option<&str>,
     bad: &mut impl FnMut(String, String),
@@ -788,6 +801,20 @@ fn check_render_interval(
         return;
     };
     let field = format!("{f}.renderInterval");
+    // A KV v1 read carries a lease (the secret's `ttl` key, else the mount's default lease TTL,
+    // 768 h), and the agent re-reads after about 90% of it whatever the render interval says
+    // (hashicorp/consul-template dependency/vault_common.go, leaseCheckWait; measured with
+    // OpenBao 2.7.2 in tests/vault_agent.rs). Accepting the field would promise a re-read that
+    // never comes.
+    if kv_version == 1 {
+        bad(
+            field.clone(),
+            "has no effect with vault.kvVersion 1: the agent re-reads a KV v1 secret after \
+             about 90% of its lease, so put a `ttl` key in the secret instead (setup.sh \
+             stores ttl=1h; SECRET_TTL changes it), or use a KV v2 mount (kvVersion: 2)"
+                .into(),
+        );
+    }
     if rotation == Rotation::InitOnly {
         bad(
             field.clone(),

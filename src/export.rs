@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::config::{Config, Profile, keys};
+use crate::config::{Config, Profile, ProfileKind, keys};
 
 pub const PREFIX: &str = "istio-vault-webhook";
 pub const GUARD: &str = "istio-vault-webhook-istiod-requires-vault";
@@ -204,7 +204,7 @@ fn mutating_policy(config: &Config, p: &Profile, name: &str, ns_selector: &Value
         }));
     }
     let mut variables = Vec::new();
-    if let Some(container) = &p.container {
+    if let ProfileKind::Istiod { container } = &p.kind {
         let c = "object.spec.containers[variables.container]";
         let root = lit(ROOT_CA_DIR);
         variables.push(json!({
@@ -276,7 +276,10 @@ fn mutating_policy(config: &Config, p: &Profile, name: &str, ns_selector: &Value
 /// The shipped guard (manifests/base/validatingadmissionpolicy.yaml), with the istiod profile's
 /// match, container and secret volume path filled in.
 fn guard(config: &Config, istiod: &Profile, ns_selector: &Value) -> Value {
-    let container = istiod.container.as_deref().unwrap_or("discovery");
+    let container = match &istiod.kind {
+        ProfileKind::Istiod { container } => container.as_str(),
+        ProfileKind::Gateway => "discovery",
+    };
     let dir = &config.secret_volume_path;
     let last = format!(
         "c.env.filter(e, e.name == {r})[size(c.env.filter(e, e.name == {r})) - 1]",

@@ -113,7 +113,8 @@ prop_compose! {
             },
             container: container.into(),
             rotation,
-            render_interval,
+            // Refused on KV v1, where the secret's lease decides when the agent re-reads.
+            render_interval: render_interval.filter(|_| kv_version == 2),
             files: files(if istio_layout { &ISTIO_FILES } else { &TLS_FILES }),
         });
         let all = [
@@ -135,7 +136,7 @@ prop_compose! {
                     role: format!("istio-{name}"),
                     secret_path: path(name),
                     rotation: gateway_rotations[i].0,
-                    render_interval: gateway_rotations[i].1.clone(),
+                    render_interval: gateway_rotations[i].1.clone().filter(|_| kv_version == 2),
                     files,
                 }
             })

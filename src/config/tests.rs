@@ -22,6 +22,15 @@ fn with_istiod(extra: &str) -> String {
     )
 }
 
+/// renderInterval only means something on KV v2 (on v1 the secret's lease decides).
+fn with_istiod_v2(extra: &str) -> String {
+    with_istiod(extra).replace("authPath: auth/k }", "authPath: auth/k, kvVersion: 2 }")
+}
+
+fn with_gateway_v2(gateway: &str) -> String {
+    with_gateway(gateway).replace("authPath: auth/k }", "authPath: auth/k, kvVersion: 2 }")
+}
+
 fn with_gateway(gateway: &str) -> String {
     format!("cluster: c\nvault: {{ authPath: auth/k }}\nprofiles:\n  gateways:\n    - {gateway}\n")
 }
@@ -543,15 +552,26 @@ profiles:
 }
 
 #[test]
+fn render_interval_is_refused_on_kv_v1() {
+    let e = err(&with_istiod("    renderInterval: 1m\n"));
+    assert!(
+        e.starts_with("profiles.istiod.renderInterval: has no effect with vault.kvVersion 1")
+            && e.contains("put a `ttl` key in the secret"),
+        "{e}"
+    );
+    assert!(Config::parse(&with_istiod_v2("    renderInterval: 1m\n")).is_ok());
+}
+
+#[test]
 fn render_interval_needs_rotation_sidecar() {
-    let e = err(&with_istiod(
+    let e = err(&with_istiod_v2(
         "    rotation: init-only\n    renderInterval: 30s\n",
     ));
     assert!(
         e.starts_with("profiles.istiod.renderInterval: only applies with rotation: sidecar"),
         "{e}"
     );
-    let e = err(&with_gateway(
+    let e = err(&with_gateway_v2(
         "{ name: gw, match: { istio: x }, role: r, secretPath: m/p, files: { a: k }, rotation: init-only, renderInterval: 5m }",
     ));
     assert!(
@@ -580,7 +600,7 @@ fn render_interval_must_be_a_positive_go_duration() {
         ("2562047h", 2_562_047 * 3_600_000_000_000),
     ] {
         assert_eq!(go_duration_nanos(text), Ok(nanos), "{text}");
-        let yaml = with_istiod(&format!("    renderInterval: \"{text}\"\n"));
+        let yaml = with_istiod_v2(&format!("    renderInterval: \"{text}\"\n"));
         assert!(Config::parse(&yaml).is_ok(), "{text} refused");
     }
     for (text, why) in [
@@ -598,7 +618,9 @@ fn render_interval_must_be_a_positive_go_duration() {
         ("1.2.3s", "has two '.'"),
         ("2562048h", "too long"),
     ] {
-        let e = err(&with_istiod(&format!("    renderInterval: \"{text}\"\n")));
+        let e = err(&with_istiod_v2(&format!(
+            "    renderInterval: \"{text}\"\n"
+        )));
         assert!(
             e.starts_with(&format!(
                 "profiles.istiod.renderInterval: {text:?} is not a duration ("
@@ -608,18 +630,20 @@ fn render_interval_must_be_a_positive_go_duration() {
         );
     }
     for zero in ["0s", "0h0m", "0.0000000001s"] {
-        let e = err(&with_istiod(&format!("    renderInterval: \"{zero}\"\n")));
+        let e = err(&with_istiod_v2(&format!(
+            "    renderInterval: \"{zero}\"\n"
+        )));
         assert!(e.contains("must be longer than zero"), "{zero}: {e}");
     }
     // A YAML number is not a duration; the error says what to write.
-    let e = err(&with_istiod("    renderInterval: 30\n"));
+    let e = err(&with_istiod_v2("    renderInterval: 30\n"));
     assert!(
         e.starts_with(
             "profiles.istiod.renderInterval: \"30\" is not a duration (\"30\" has no unit)"
         ),
         "{e}"
     );
-    let e = err(&with_istiod("    renderInterval: [30s]\n"));
+    let e = err(&with_istiod_v2("    renderInterval: [30s]\n"));
     assert!(
         e.contains("profiles.istiod: renderInterval must be a duration such as 30s"),
         "{e}"
@@ -630,13 +654,13 @@ fn render_interval_must_be_a_positive_go_duration() {
 fn an_unset_render_interval_leaves_the_config_hash_as_it_was() {
     // Absent from the canonical form, so configs written before the field
     // existed keep their hash; setting it changes the hash.
-    let a = Config::parse(&with_istiod("")).unwrap();
+    let a = Config::parse(&with_istiod_v2("")).unwrap();
     assert!(
         !serde_json::to_string(&a.raw)
             .unwrap()
             .contains("renderInterval")
     );
-    let b = Config::parse(&with_istiod("    renderInterval: 1m\n")).unwrap();
+    let b = Config::parse(&with_istiod_v2("    renderInterval: 1m\n")).unwrap();
     assert_ne!(a.hash, b.hash);
     // Written back from its defaulted form, it loads with the same hash.
     let again = Config::parse(&serde_yaml_ng::to_string(&b.raw).unwrap()).unwrap();

@@ -1128,6 +1128,8 @@ def chart_refuses_a_bad_config_before_install(ctx):
          "/config/profiles/istiod"),
         ("renderInterval without a unit", with_(lambda c: c["profiles"]["istiod"].update(renderInterval="30")),
          "/config/profiles/istiod/renderInterval"),
+        ("renderInterval on KV v1", with_(lambda c: c["profiles"]["istiod"].update(renderInterval="1m")),
+         "has no effect with vault.kvVersion 1"),
         ("gateway name not a DNS label", with_(lambda c: c["profiles"]["gateways"][0].update(name="Ingress")),
          "/config/profiles/gateways/0/name"),
         ("duplicate selector", with_(lambda c: c["profiles"]["gateways"].append(

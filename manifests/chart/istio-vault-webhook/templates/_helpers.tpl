@@ -56,6 +56,11 @@ selector those two clauses do not already cover: a new gateway profile cannot be
 {{- if hasKey $selectors $key }}{{ fail (printf "config.profiles.gateways[%d] (%s).match: same selector %s as profile %q; one of the two could never apply" $i $g.name $key (get $selectors $key)) }}{{ end -}}
 {{- $_ := set $selectors $key $g.name -}}
 {{- end -}}
+{{- $kv := int (.Values.config.vault.kvVersion | default 1) -}}
+{{- if and (eq $kv 1) $profiles.istiod (get ($profiles.istiod | default dict) "renderInterval") }}{{ fail "config.profiles.istiod.renderInterval: has no effect with vault.kvVersion 1 (the agent re-reads a KV v1 secret after about 90% of its lease): put a ttl key in the secret instead, or use kvVersion: 2" }}{{ end -}}
+{{- range $i, $g := $profiles.gateways | default list -}}
+{{- if and (eq $kv 1) (get $g "renderInterval") }}{{ fail (printf "config.profiles.gateways[%d].renderInterval: has no effect with vault.kvVersion 1 (the agent re-reads a KV v1 secret after about 90%% of its lease): put a ttl key in the secret instead, or use kvVersion: 2" $i) }}{{ end -}}
+{{- end -}}
 {{- if and (not .Values.vaultInjector.reinvoked) (ge .Values.webhook.name .Values.vaultInjector.configName) -}}
 {{- fail (printf "webhook.name %q does not sort before the Vault injector's configuration %q, which would then run first and miss our annotations: rename it, or give %q reinvocationPolicy: IfNeeded and set vaultInjector.reinvoked=true" .Values.webhook.name .Values.vaultInjector.configName .Values.vaultInjector.configName) -}}
 {{- end -}}
