@@ -1,8 +1,9 @@
 //! `helm install` of manifests/chart/istio-vault-webhook into a real kube-apiserver
 //! (tests/support/kube.rs), with cluster1's config as values: every object is accepted, the
 //! webhook (run as a local process, as the chart's ServiceAccount) keeps the chart's
-//! MutatingWebhookConfiguration trusting it, patches a gateway Pod, and the chart's guard refuses
-//! an istiod Pod that no Vault injector finished.
+//! MutatingWebhookConfiguration trusting it and patches a gateway Pod; the chart's guard refuses
+//! an istiod Pod while no Vault injector runs, and admits it, patched by both webhooks, once the
+//! injector is registered.
 
 mod support {
     pub mod bao;
@@ -19,9 +20,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::bao::{free_port, run_with_timeout};
+use support::bao::{BaoDev, free_port, run_with_timeout};
 use support::chain::{
-    annotations, assert_guard_type_checks, create_pod, create_service_account, named_pod,
+    Injector, annotations, assert_guard_type_checks, create_pod, create_service_account, named_pod,
     opt_in_namespace, repo, try_create,
 };
 use support::kube::ControlPlane;
@@ -104,4 +105,24 @@ fn helm_install_then_the_webhook_patches_pods() {
         refused.contains("istiod Pod was not injected by the Vault Agent Injector"),
         "{refused}"
     );
+
+    // With the Vault Agent Injector registered, istiod goes through, patched by us first.
+    let bao = BaoDev::start();
+    let _injector = Injector::start(&cp, &bao);
+    let stored = create_pod(&cp, "tests/fixtures/pods/istiod.json");
+    let a = annotations(&stored);
+    assert_eq!(a["istio-vault-webhook/profile"], "istiod", "{a:#?}");
+    assert_eq!(
+        a["vault.hashicorp.com/agent-inject-status"], "injected",
+        "{a:#?}"
+    );
+    let discovery = stored["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "discovery")
+        .unwrap();
+    let env = discovery["env"].as_array().unwrap();
+    assert_eq!(env.last().unwrap()["name"], "ROOT_CA_DIR", "{env:?}");
+    assert_eq!(env.last().unwrap()["value"], "/vault/secrets");
 }
