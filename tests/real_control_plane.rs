@@ -41,7 +41,7 @@ use serde_json::{Value, json};
 
 use support::bao::{BaoDev, free_port};
 use support::chain::{
-    Cluster, Injector, Istiod, Options, READY, SECRETS, annotations, assert_rendered,
+    Cluster, Injector, Istiod, Options, READY, SECRETS, annotations, assert_rendered, container,
     container_names, create_pod, create_service_account, named_pod, opt_in_namespace, repo,
     run_container, try_create, wait_success,
 };
@@ -142,12 +142,7 @@ fn assert_injected_istiod(pod: &Value) {
     );
     // rotation: sidecar -> the agent keeps running beside istiod.
     assert!(container_names(pod, "containers").contains(&"vault-agent".to_string()));
-    let discovery = pod["spec"]["containers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "discovery")
-        .unwrap();
+    let discovery = container(pod, "discovery");
     let env = discovery["env"].as_array().unwrap();
     let root_ca_dir: Vec<&Value> = env.iter().filter(|e| e["name"] == "ROOT_CA_DIR").collect();
     assert_eq!(root_ca_dir.len(), 1, "{env:?}");

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use support::chain::{
     WEBHOOK, assert_guard_type_checks, create_service_account, opt_in_namespace, pod_fixture, repo,
-    try_create,
+    try_create, without_server_fields,
 };
 use support::kube::{ControlPlane, yaml_documents};
 
@@ -92,18 +92,7 @@ fn mutated_parts(pod: &Value) -> Value {
 
 /// A stored Pod as a client would send it again.
 fn resend(pod: &Value) -> Value {
-    let mut pod = pod.clone();
-    let meta = pod["metadata"].as_object_mut().unwrap();
-    for field in [
-        "managedFields",
-        "uid",
-        "resourceVersion",
-        "creationTimestamp",
-    ] {
-        meta.remove(field);
-    }
-    pod.as_object_mut().unwrap().remove("status");
-    pod
+    without_server_fields(pod.clone())
 }
 
 #[test]

@@ -22,8 +22,8 @@ use std::time::Duration;
 use serde_json::json;
 use support::bao::{BaoDev, free_port, run_with_timeout};
 use support::chain::{
-    Injector, annotations, assert_guard_type_checks, create_pod, create_service_account, named_pod,
-    opt_in_namespace, repo, try_create,
+    Injector, annotations, assert_guard_type_checks, container, create_pod, create_service_account,
+    named_pod, opt_in_namespace, repo, try_create,
 };
 use support::kube::ControlPlane;
 use support::peers::peer;
@@ -116,12 +116,7 @@ fn helm_install_then_the_webhook_patches_pods() {
         a["vault.hashicorp.com/agent-inject-status"], "injected",
         "{a:#?}"
     );
-    let discovery = stored["spec"]["containers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "discovery")
-        .unwrap();
+    let discovery = container(&stored, "discovery");
     let env = discovery["env"].as_array().unwrap();
     assert_eq!(env.last().unwrap()["name"], "ROOT_CA_DIR", "{env:?}");
     assert_eq!(env.last().unwrap()["value"], "/vault/secrets");

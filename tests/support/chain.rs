@@ -337,8 +337,12 @@ pub fn setup_vault(
 
 /// A chart-rendered Pod fixture, as the ReplicaSet controller would create it.
 pub fn pod_fixture(path: &str) -> Value {
-    let mut pod: Value = serde_json::from_slice(&fs::read(repo(path)).unwrap()).unwrap();
-    // Written by the API server itself; a client that sends them is overruled anyway.
+    without_server_fields(serde_json::from_slice(&fs::read(repo(path)).unwrap()).unwrap())
+}
+
+/// A Pod as a client sends it: without what the API server writes itself (a client that sends
+/// those is overruled anyway).
+pub fn without_server_fields(mut pod: Value) -> Value {
     let meta = pod["metadata"].as_object_mut().unwrap();
     for field in [
         "managedFields",
@@ -366,6 +370,16 @@ pub fn annotations(pod: &Value) -> BTreeMap<String, String> {
         .flatten()
         .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
         .collect()
+}
+
+/// The container `name` of a stored Pod.
+pub fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name} in {}", pod["spec"]))
 }
 
 pub fn container_names(pod: &Value, list: &str) -> Vec<String> {
