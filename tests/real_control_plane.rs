@@ -34,16 +34,15 @@ mod support {
 
 use std::fs;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
 use support::bao::{BaoDev, free_port};
 use support::chain::{
-    Cluster, Injector, Istiod, Options, READY, SECRETS, annotations, assert_rendered, container,
-    container_names, create_pod, create_service_account, named_pod, opt_in_namespace, repo,
-    run_container, try_create, wait_success,
+    Cluster, Injector, Istiod, Options, READY, SECRETS, admitted_eventually, annotations,
+    assert_rendered, container, container_names, create_pod, create_service_account, named_pod,
+    opt_in_namespace, refused_eventually, repo, run_container, try_create, wait_success,
 };
 use support::kube::{ControlPlane, Process};
 use support::mesh_ca::Root;
@@ -241,7 +240,7 @@ fn refusals(cp: &ControlPlane, webhook: &mut Process, injector: &mut Injector) {
         "zz-strip-root-ca-dir",
     ]);
     stripper.stop();
-    admitted_eventually(cp, &istiod);
+    admitted_injected(cp, &istiod);
 
     // The ConfigMap deleted: the webhook itself refuses, fail closed.
     cp.kubectl(&[
@@ -263,7 +262,7 @@ fn refusals(cp: &ControlPlane, webhook: &mut Process, injector: &mut Injector) {
         .filter(|o| o["kind"] == "ConfigMap")
         .collect();
     cp.apply(&config);
-    admitted_eventually(cp, &istiod);
+    admitted_injected(cp, &istiod);
 
     // The injector down: its failurePolicy Ignore lets the Pod through uninjected, the guard
     // refuses it.
@@ -271,7 +270,7 @@ fn refusals(cp: &ControlPlane, webhook: &mut Process, injector: &mut Injector) {
     let why = refused_eventually(cp, &istiod, guard);
     assert!(why.contains("ValidatingAdmissionPolicy"), "{why}");
     injector.restart(cp);
-    admitted_eventually(cp, &istiod);
+    admitted_injected(cp, &istiod);
 
     // The webhook down: failurePolicy Fail.
     webhook.stop();
@@ -328,36 +327,8 @@ fn start_root_ca_dir_stripper(cp: &ControlPlane) -> Process {
     process
 }
 
-/// Retries a dry-run create until it is refused with `needle` in the error (informers and
-/// watches take a moment to see a change); returns the error.
-fn refused_eventually(cp: &ControlPlane, pod: &Value, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let last = match try_create(cp, pod) {
-            Err(e) if e.contains(needle) => return e,
-            Err(e) => e,
-            Ok(_) => "admitted".to_string(),
-        };
-        assert!(
-            Instant::now() < deadline,
-            "expected a refusal with {needle:?}, last: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn admitted_eventually(cp: &ControlPlane, pod: &Value) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match try_create(cp, pod) {
-            Ok(p) if annotations(&p).contains_key("vault.hashicorp.com/agent-inject-status") => {
-                return;
-            }
-            other => assert!(
-                Instant::now() < deadline,
-                "istiod not admitted injected: {other:?}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+fn admitted_injected(cp: &ControlPlane, pod: &Value) {
+    admitted_eventually(cp, pod, |p| {
+        annotations(p).contains_key("vault.hashicorp.com/agent-inject-status")
+    });
 }

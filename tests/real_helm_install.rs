@@ -22,8 +22,8 @@ use std::time::Duration;
 use serde_json::json;
 use support::bao::{BaoDev, free_port, run_with_timeout};
 use support::chain::{
-    Injector, annotations, assert_guard_type_checks, container, create_pod, create_service_account,
-    named_pod, opt_in_namespace, repo, try_create,
+    Injector, admitted_eventually, annotations, assert_guard_type_checks, container, create_pod,
+    create_service_account, named_pod, opt_in_namespace, refused_eventually, repo,
 };
 use support::kube::ControlPlane;
 use support::peers::peer;
@@ -83,6 +83,15 @@ fn helm_install_then_the_webhook_patches_pods() {
 
     opt_in_namespace(&cp, "istio-ingress");
     create_service_account(&cp, "istio-ingress", "istio-ingressgateway", false);
+    // The API server calls the webhook once its informer has the caBundle the webhook wrote.
+    let probe = named_pod(
+        "tests/fixtures/pods/ingressgateway.json",
+        "gateway-probe",
+        "istio-ingress",
+    );
+    admitted_eventually(&cp, &probe, |p| {
+        annotations(p).contains_key("istio-vault-webhook/profile")
+    });
     let gateway = create_pod(&cp, "tests/fixtures/pods/ingressgateway.json");
     let a = annotations(&gateway);
     assert_eq!(a["istio-vault-webhook/profile"], "ingressgateway", "{a:#?}");
@@ -100,10 +109,11 @@ fn helm_install_then_the_webhook_patches_pods() {
         "istiod-helm-probe",
         "istio-system",
     );
-    let refused = try_create(&cp, &istiod).expect_err("istiod without the injector is refused");
-    assert!(
-        refused.contains("istiod Pod was not injected by the Vault Agent Injector"),
-        "{refused}"
+    // (Eventually: the API server's policy informer takes a moment to see a new binding.)
+    refused_eventually(
+        &cp,
+        &istiod,
+        "istiod Pod was not injected by the Vault Agent Injector",
     );
 
     // With the Vault Agent Injector registered, istiod goes through, patched by us first.

@@ -271,6 +271,19 @@ impl Injector {
             "caBundle": base64::engine::general_purpose::STANDARD.encode(&cp.ca.cert_pem),
         });
         cp.apply(&[mwc]);
+        // The API server calls it only once its webhook informer has seen the configuration:
+        // wait until a dry-run Pod asking for the agent comes back injected.
+        let probe = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "injector-probe", "namespace": namespace,
+                         "annotations": {"vault.hashicorp.com/agent-inject": "true",
+                                         "vault.hashicorp.com/role": "probe"}},
+            "spec": {"serviceAccountName": "vault-agent-injector",
+                     "containers": [{"name": "c", "image": "busybox"}]},
+        });
+        admitted_eventually(cp, &probe, |p| {
+            annotations(p).contains_key("vault.hashicorp.com/agent-inject-status")
+        });
         injector
     }
 
@@ -637,4 +650,40 @@ pub fn named_pod(fixture: &str, name: &str, namespace: &str) -> Value {
     meta.insert("name".into(), json!(name));
     meta.insert("namespace".into(), json!(namespace));
     pod
+}
+
+/// Retries a dry-run create until it is refused with `needle` in the error (informers and
+/// watches take a moment to see a change); returns the error.
+pub fn refused_eventually(cp: &ControlPlane, pod: &Value, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = match try_create(cp, pod) {
+            Err(e) if e.contains(needle) => return e,
+            Err(e) => e,
+            Ok(_) => "admitted".to_string(),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "expected a refusal with {needle:?}, last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Retries a dry-run create until the API server admits `pod` and `done` holds for what it
+/// returns (informers take a moment to see a new webhook or policy); returns that Pod.
+pub fn admitted_eventually(cp: &ControlPlane, pod: &Value, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = match try_create(cp, pod) {
+            Ok(p) if done(&p) => return p,
+            Ok(p) => format!("admitted as {}", p["metadata"]),
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "not admitted as expected within 60 s: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
