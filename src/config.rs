@@ -388,6 +388,21 @@ impl Profile {
 pub const EXAMPLE_CONFIG: &str = include_str!("example-config.yaml");
 
 impl Config {
+    /// One line about a valid config, as `check` and `doctor` print it:
+    /// `cluster C, profiles: a, b, config-hash sha256:…`.
+    pub fn summary(&self) -> String {
+        let names: Vec<&str> = self.profiles.iter().map(|p| p.name.as_str()).collect();
+        let names = if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        };
+        format!(
+            "cluster {}, profiles: {names}, config-hash {}",
+            self.cluster, self.hash
+        )
+    }
+
     /// Parses and validates a bare `config.yaml`.
     pub fn parse(yaml: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = serde_yaml_ng::from_str(yaml)

@@ -55,20 +55,7 @@ fn check(args: &CheckArgs) -> ExitCode {
             .map_err(|e| format!("cannot read: {e}"))
             .and_then(|text| Config::from_document(&text).map_err(|e| e.to_string()));
         match result {
-            Ok(c) => {
-                let names: Vec<&str> = c.profiles.iter().map(|p| p.name.as_str()).collect();
-                println!(
-                    "{}: ok (cluster {}, profiles: {}, config-hash {})",
-                    file.display(),
-                    c.cluster,
-                    if names.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        names.join(", ")
-                    },
-                    c.hash
-                );
-            }
+            Ok(c) => println!("{}: ok ({})", file.display(), c.summary()),
             Err(e) => {
                 ok = false;
                 for line in e.lines() {

@@ -621,7 +621,7 @@ profiles:
 /// `.Data.<key>` against a v2 mount renders the literal text `<no value>` and
 /// the agent still exits 0, because vault-k8s leaves `error_on_missing_key`
 /// false unless `error-on-missing-key-<name>` is set, which the webhook does
-/// for every file (see `a_key_missing_from_the_secret_fails_the_agent`).
+/// for every file (tests/real_wrong_key.rs proves that with the real injector).
 #[test]
 fn istiod_kv_v2_istio_layout_renders_byte_for_byte() {
     let (pod_yaml, pod) = istiod_pod(true);
@@ -754,94 +754,6 @@ profiles:
         istiod_container: None,
         render_interval: None,
     });
-}
-
-/// The agent run the way the kubelet would run `vault-agent-init` for these
-/// annotations: its exit and the secret volume it rendered into.
-fn run_init_agent(
-    dev: &BaoDev,
-    annotations: &BTreeMap<String, String>,
-    name: &str,
-) -> (bao::Output, PathBuf) {
-    let work = dev.dir.path();
-    let pod_root = work.join(name);
-    let volume = host_path(&pod_root, "/vault/secrets");
-    fs::create_dir_all(&volume).unwrap();
-    let token_file = work.join("root-token");
-    fs::write(&token_file, &dev.token).unwrap();
-    let secrets = injected_secrets(annotations);
-    let config = bao::agent_config(
-        &dev.addr,
-        &secrets,
-        bao::render_interval(annotations).as_deref(),
-        &pod_root,
-        &token_file,
-        work,
-    );
-    (bao::run_agent_to_exit(dev, &config, work), volume)
-}
-
-/// A key the secret does not have (`ca_kee` for `ca_key`): with the
-/// webhook's `error-on-missing-key-<file>` the real agent fails, so
-/// `vault-agent-init` fails and istiod never starts, and no `ca-key.pem` is
-/// written. The control run, without those annotations (vault-k8s' default),
-/// shows what they prevent: the agent exits 0 having written `<no value>`.
-#[test]
-fn a_key_missing_from_the_secret_fails_the_agent() {
-    let dev = BaoDev::start();
-    dev.enable_kv("kubernetes-cluster1-secrets", 1);
-    dev.put_kv(
-        "kubernetes-cluster1-secrets",
-        "istiod-service/certs",
-        &istio_bundle("cluster1"),
-    );
-    let config = "cluster: cluster1
-vault:
-  authPath: auth/kubernetes-cluster1
-profiles:
-  istiod:
-    secretPath: kubernetes-cluster1-secrets/istiod-service/certs
-    files:
-      ca-key.pem: ca_kee
-      ca-cert.pem: ca_cert
-      root-cert.pem: root_cert
-      cert-chain.pem: cert_chain
-";
-    let (pod_yaml, pod) = istiod_pod(false);
-    let patch = render_patch(config, &pod_yaml, dev.dir.path());
-    let (_, annotations) = patched_pod(&pod, &patch);
-
-    let (out, volume) = run_init_agent(&dev, &annotations, "with");
-    assert!(
-        !out.status.success(),
-        "the agent rendered a missing key without failing\n{}",
-        out.describe()
-    );
-    assert!(
-        !volume.join("ca-key.pem").exists(),
-        "ca-key.pem was written for a missing key\n{}",
-        out.describe()
-    );
-    for file in list_files(&volume) {
-        let bytes = fs::read(volume.join(&file)).unwrap();
-        assert!(
-            !String::from_utf8_lossy(&bytes).contains("<no value>"),
-            "{} holds \"<no value>\"",
-            file.display()
-        );
-    }
-
-    let control: BTreeMap<String, String> = annotations
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("vault.hashicorp.com/error-on-missing-key-"))
-        .collect();
-    let (out, volume) = run_init_agent(&dev, &control, "without");
-    assert!(out.status.success(), "control run\n{}", out.describe());
-    assert_eq!(
-        fs::read(volume.join("ca-key.pem")).unwrap(),
-        b"<no value>",
-        "without error-on-missing-key the agent writes \"<no value>\" as the CA key"
-    );
 }
 
 /// Rotation without restart, as far as the agent goes: with `rotation:

@@ -502,20 +502,7 @@ impl Doctor<'_> {
         };
         match Config::from_document(&document) {
             Ok(c) => {
-                let names: Vec<&str> = c.profiles.iter().map(|p| p.name.as_str()).collect();
-                out.push(Check::pass(
-                    &check,
-                    format!(
-                        "cluster {}, profiles: {}, config-hash {}",
-                        c.cluster,
-                        if names.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            names.join(", ")
-                        },
-                        c.hash
-                    ),
-                ));
+                out.push(Check::pass(&check, c.summary()));
                 Loaded::Valid(Box::new(c))
             }
             Err(e) => {

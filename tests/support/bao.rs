@@ -662,7 +662,7 @@ pub fn sidecar_config(init: &Value) -> Value {
 /// Runs `bao agent -config=<config>` against `dev` until it exits (at most
 /// `AGENT_TIMEOUT`), and panics with the agent's output unless it exits 0.
 pub fn run_agent(dev: &BaoDev, config: &Value, work: &Path) -> Output {
-    let out = run_agent_to_exit(dev, config, work);
+    let out = run_with_timeout(agent_command(dev, config, work), None, work, AGENT_TIMEOUT);
     assert!(
         out.status.success(),
         "bao agent failed\n{}\n--- agent config ---\n{}\n--- server log ---\n{}",
@@ -671,12 +671,6 @@ pub fn run_agent(dev: &BaoDev, config: &Value, work: &Path) -> Output {
         dev.server_log()
     );
     out
-}
-
-/// `bao agent -config=<config>` against `dev`, as [`run_agent`] runs it,
-/// whatever its exit status.
-pub fn run_agent_to_exit(dev: &BaoDev, config: &Value, work: &Path) -> Output {
-    run_with_timeout(agent_command(dev, config, work), None, work, AGENT_TIMEOUT)
 }
 
 /// Starts `bao agent` (a sidecar: it runs until killed) with its output in
