@@ -7,18 +7,17 @@
 //! rules need are kept; the rest is validated and skipped without copying.
 //! The response is written here, not with kube's `AdmissionResponse`, which
 //! serializes `patch` as an array of numbers instead of the base64 string the
-//! API documents (kube-rs#1781): a response with a patch by hand around
-//! `json::write_str` and base64 encoded in place, the others through small
-//! serde types.
+//! API documents (kube-rs#1781): a response with a patch by hand, its
+//! patch mostly copied from pieces the config prepared in base64
+//! (`patch::encode_base64`), the others through small serde types.
 
 use std::borrow::Cow;
 
-use base64::Engine;
 use serde::Serialize;
 
 use crate::json::{self, ErrorKind, Kind, Reader};
 use crate::mutate::{ConfigState, Decision, Outcome, PodView, mutate};
-use crate::patch::{self, PatchOp};
+use crate::patch::{self, Op};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -159,10 +158,6 @@ struct ResponseOut<'a> {
     allowed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<StatusOut<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     warnings: &'a [String],
 }
@@ -276,21 +271,16 @@ pub fn review(body: &[u8], config: ConfigState<'_>) -> Result<Reviewed, BadReque
 
 /// Serializes the `AdmissionReview` response for a decision.
 pub fn response_body(uid: &str, decision: &Decision) -> Vec<u8> {
-    if let Decision::Allow { ops, warnings, .. } = decision
-        && !ops.is_empty()
-    {
-        return patched_body(uid, ops, warnings);
-    }
     let response = match decision {
-        Decision::Allow { ops, warnings, .. } => ResponseOut {
+        Decision::Allow { ops, warnings, .. } if !ops.is_empty() => {
+            return patched_body(uid, ops, warnings);
+        }
+        // An empty patch is no patch: `patch` and `patchType` come together
+        // or not at all.
+        Decision::Allow { warnings, .. } => ResponseOut {
             uid,
             allowed: true,
             status: None,
-            // An empty patch is no patch: `patch` and `patchType` come together
-            // or not at all.
-            patch_type: (!ops.is_empty()).then_some("JSONPatch"),
-            patch: (!ops.is_empty())
-                .then(|| base64::engine::general_purpose::STANDARD.encode(patch::to_json(ops))),
             warnings,
         },
         Decision::Deny { message, .. } => ResponseOut {
@@ -301,8 +291,6 @@ pub fn response_body(uid: &str, decision: &Decision) -> Vec<u8> {
                 reason: "Forbidden",
                 message,
             }),
-            patch_type: None,
-            patch: None,
             warnings: &[],
         },
     };
@@ -315,31 +303,22 @@ pub fn response_body(uid: &str, decision: &Decision) -> Vec<u8> {
     serde_json::to_vec(&out).unwrap_or_default()
 }
 
-/// The same bytes serde would write for an `Allow` with a patch, built by
-/// hand: the base64 patch is most of the body and needs no JSON escaping, so
-/// it is encoded straight into a buffer sized once instead of being copied
-/// through the string serializer.
-fn patched_body(uid: &str, ops: &[PatchOp], warnings: &[String]) -> Vec<u8> {
+/// The response to an `Allow` with a patch, written by hand: the base64
+/// patch is most of the body, needs no JSON escaping, and is mostly copied
+/// from the operations the config prepared (`patch::encode_base64`).
+fn patched_body(uid: &str, ops: &[Op], warnings: &[String]) -> Vec<u8> {
     const HEAD: &[u8] =
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#;
     const PATCH: &[u8] = br#","allowed":true,"patchType":"JSONPatch","patch":""#;
-    let patch = patch::to_json(ops);
-    let encoded = base64::encoded_len(patch.len(), true).unwrap_or(0);
-    let extra: usize = warnings.iter().map(|w| w.len() + 8).sum();
-    let mut out = Vec::with_capacity(HEAD.len() + PATCH.len() + uid.len() + encoded + extra + 32);
+    let mut out = Vec::with_capacity(4096);
     out.extend_from_slice(HEAD);
-    // Writing strings into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, uid);
+    json::write_str(&mut out, uid);
     out.extend_from_slice(PATCH);
-    let start = out.len();
-    out.resize(start + encoded, 0);
-    let written = base64::engine::general_purpose::STANDARD
-        .encode_slice(&patch, &mut out[start..])
-        .unwrap_or(0);
-    out.truncate(start + written);
+    patch::encode_base64(ops, &mut out);
     out.push(b'"');
     if !warnings.is_empty() {
         out.extend_from_slice(br#","warnings":"#);
+        // Writing strings into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut out, warnings);
     }
     out.extend_from_slice(b"}}");

@@ -9,9 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::patch::{PatchOp, Prepared};
 
 /// Where the Vault Agent Injector renders secrets unless told otherwise.
 pub const DEFAULT_SECRET_VOLUME_PATH: &str = "/vault/secrets";
@@ -335,6 +339,8 @@ pub struct Profile {
     pub annotations: Vec<Annotation>,
     /// Annotations the webhook owns that this profile wants absent.
     pub absent: Vec<Annotation>,
+    /// `add` of the whole `/metadata/annotations` map, for a Pod that has none.
+    pub add_all: Arc<Prepared>,
     pub kind: ProfileKind,
 }
 
@@ -350,23 +356,43 @@ pub enum ProfileKind {
     Gateway,
 }
 
-/// One annotation with its JSON pointer precomputed, so the admission path
-/// never escapes a key.
+/// One annotation with the patch operations that set or remove it, prepared
+/// when the config loads (`patch::Prepared`), so the admission path neither
+/// escapes a key nor serializes an operation.
 #[derive(Debug, Clone)]
 pub struct Annotation {
     pub key: String,
     pub value: String,
-    /// `/metadata/annotations/<key with ~ and / escaped>`.
-    pub pointer: String,
+    /// `add` of `/metadata/annotations/<key, ~ and / escaped>` with the value.
+    pub add: Arc<Prepared>,
+    /// `replace` of the same path with the value.
+    pub replace: Arc<Prepared>,
+    /// `remove` of the same path.
+    pub remove: Arc<Prepared>,
 }
 
 impl Annotation {
     fn new(key: &str, value: &str) -> Annotation {
+        let path = crate::patch::pointer(["metadata", "annotations", key]);
+        let value_json = || Value::String(value.to_owned());
         Annotation {
             key: key.to_owned(),
             value: value.to_owned(),
-            pointer: crate::patch::pointer(["metadata", "annotations", key]),
+            add: Prepared::new(PatchOp::Add {
+                path: path.clone(),
+                value: value_json(),
+            }),
+            replace: Prepared::new(PatchOp::Replace {
+                path: path.clone(),
+                value: value_json(),
+            }),
+            remove: Prepared::new(PatchOp::Remove { path }),
         }
+    }
+
+    /// `/metadata/annotations/<key, ~ and / escaped>`.
+    pub fn pointer(&self) -> &str {
+        self.remove.op.path()
     }
 }
 
@@ -598,11 +624,19 @@ fn compile_profile(raw: &RawConfig, hash: &str, p: ProfileSpec<'_>) -> Profile {
     }
     set(keys::PROFILE, p.name);
     set(keys::CONFIG_HASH, hash);
+    let map = want
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     Profile {
         name: p.name.to_owned(),
         selector: p.selector.clone(),
         annotations: want.iter().map(|(k, v)| Annotation::new(k, v)).collect(),
         absent,
+        add_all: Prepared::new(PatchOp::Add {
+            path: "/metadata/annotations".into(),
+            value: Value::Object(map),
+        }),
         kind: p.kind,
     }
 }

@@ -194,7 +194,7 @@ fn mutating_policy(config: &Config, p: &Profile, name: &str, ns_selector: &Value
                 format!(
                     "({} ? [JSONPatch{{op: \"remove\", path: {}}}] : [])",
                     has_annotation(&a.key),
-                    lit(&a.pointer)
+                    lit(a.pointer())
                 )
             })
             .collect();

@@ -352,9 +352,14 @@ impl<'a> Reader<'a> {
                     self.pos += 1;
                     return Ok(());
                 }
-                Some(b'\\') => {
-                    self.escape()?;
-                }
+                // One-letter escapes inline (managedFields keys are full of
+                // `\"`); `\u` goes through `escape`, which checks surrogates.
+                Some(b'\\') => match self.bytes().get(self.pos + 1) {
+                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.pos += 2,
+                    _ => {
+                        self.escape()?;
+                    }
+                },
                 _ => return Err("control character in string"),
             }
         }

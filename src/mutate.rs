@@ -8,7 +8,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::config::{Config, Profile, ProfileKind, keys};
-use crate::patch::PatchOp;
+use crate::patch::{Op, PatchOp};
 pub use crate::pod::{Container, PodView};
 
 /// The env var istiod reads its plugged-in CA directory from
@@ -34,7 +34,7 @@ pub enum Decision {
     /// Admit, applying `ops` (possibly none).
     Allow {
         profile: Option<String>,
-        ops: Vec<PatchOp>,
+        ops: Vec<Op>,
         warnings: Vec<String>,
     },
     /// Refuse the Pod with a message for whoever reads the ReplicaSet events.
@@ -201,24 +201,23 @@ pub fn mutate(pod: &PodView, config: ConfigState<'_>) -> Decision {
     }
 }
 
-fn annotation_ops(pod: &PodView, profile: &Profile, warnings: &mut Vec<String>) -> Vec<PatchOp> {
+fn annotation_ops(pod: &PodView, profile: &Profile, warnings: &mut Vec<String>) -> Vec<Op> {
     let Some(existing) = pod.annotations() else {
         // No annotations map: one `add` of the whole map (an `add` below a
         // missing parent would make the API server fail the request).
-        let map: Map<String, Value> = profile
-            .annotations
-            .iter()
-            .map(|a| (a.key.clone(), Value::String(a.value.clone())))
-            .collect();
         return match &pod.metadata {
-            Some(_) => vec![PatchOp::Add {
-                path: "/metadata/annotations".into(),
-                value: Value::Object(map),
-            }],
-            None => vec![PatchOp::Add {
-                path: "/metadata".into(),
-                value: json!({ "annotations": map }),
-            }],
+            Some(_) => vec![Op::Prepared(profile.add_all.clone())],
+            None => {
+                let map: Map<String, Value> = profile
+                    .annotations
+                    .iter()
+                    .map(|a| (a.key.clone(), Value::String(a.value.clone())))
+                    .collect();
+                vec![Op::Built(PatchOp::Add {
+                    path: "/metadata".into(),
+                    value: json!({ "annotations": map }),
+                })]
+            }
         };
     };
 
@@ -230,15 +229,9 @@ fn annotation_ops(pod: &PodView, profile: &Profile, warnings: &mut Vec<String>) 
                 if want.key.starts_with(keys::VAULT) {
                     warnings.push(override_warning(&want.key, have));
                 }
-                ops.push(PatchOp::Replace {
-                    path: want.pointer.clone(),
-                    value: Value::String(want.value.clone()),
-                });
+                ops.push(Op::Prepared(want.replace.clone()));
             }
-            None => ops.push(PatchOp::Add {
-                path: want.pointer.clone(),
-                value: Value::String(want.value.clone()),
-            }),
+            None => ops.push(Op::Prepared(want.add.clone())),
         }
     }
     for unwanted in &profile.absent {
@@ -247,9 +240,7 @@ fn annotation_ops(pod: &PodView, profile: &Profile, warnings: &mut Vec<String>) 
                 "istio-vault-webhook: removed {}={:?} (not in the config)",
                 unwanted.key, have
             )));
-            ops.push(PatchOp::Remove {
-                path: unwanted.pointer.clone(),
-            });
+            ops.push(Op::Prepared(unwanted.remove.clone()));
         }
     }
     ops
@@ -261,16 +252,16 @@ fn env_ops(
     container: &Container,
     index: usize,
     dir: &str,
-    ops: &mut Vec<PatchOp>,
+    ops: &mut Vec<Op>,
     warnings: &mut Vec<String>,
 ) {
     let entry = || json!({ "name": ROOT_CA_DIR, "value": dir });
     let base = format!("/spec/containers/{index}/env");
     let Some(env) = &container.env else {
-        ops.push(PatchOp::Add {
+        ops.push(Op::Built(PatchOp::Add {
             path: base,
             value: Value::Array(vec![entry()]),
-        });
+        }));
         return;
     };
     let mut found = env
@@ -278,18 +269,18 @@ fn env_ops(
         .enumerate()
         .filter(|(_, e)| e.name == ROOT_CA_DIR);
     let Some((first, current)) = found.next() else {
-        ops.push(PatchOp::Add {
+        ops.push(Op::Built(PatchOp::Add {
             path: format!("{base}/-"),
             value: entry(),
-        });
+        }));
         return;
     };
     let duplicates: Vec<usize> = found.map(|(i, _)| i).collect();
     // Highest index first, so earlier removals do not shift later ones.
     for &i in duplicates.iter().rev() {
-        ops.push(PatchOp::Remove {
+        ops.push(Op::Built(PatchOp::Remove {
             path: format!("{base}/{i}"),
-        });
+        }));
     }
     if !duplicates.is_empty() {
         warnings.push(format!(
@@ -309,10 +300,10 @@ fn env_ops(
             "istio-vault-webhook: {ROOT_CA_DIR} in container {} was {was}, set to {dir:?}",
             container.name
         )));
-        ops.push(PatchOp::Replace {
+        ops.push(Op::Built(PatchOp::Replace {
             path: format!("{base}/{first}"),
             value: entry(),
-        });
+        }));
     }
 }
 

@@ -104,7 +104,10 @@ fn render_document(config: &Config, mut document: Value) -> Result<Rendered, Str
             warnings,
         } => {
             apply(template, &ops).map_err(|e| format!("{}: {e}", rendered.what))?;
-            rendered.ops = ops.into_iter().map(|op| op.under(pointer)).collect();
+            rendered.ops = ops
+                .into_iter()
+                .map(|op| op.into_patch_op().under(pointer))
+                .collect();
             rendered.warnings = warnings;
             rendered.profile = profile;
         }
@@ -115,7 +118,7 @@ fn render_document(config: &Config, mut document: Value) -> Result<Rendered, Str
 
 /// Applies operations with RFC 6902 semantics (the json-patch crate, as the
 /// API server's evanphx/json-patch would).
-pub fn apply(target: &mut Value, ops: &[PatchOp]) -> Result<(), String> {
+pub fn apply<T: AsRef<PatchOp>>(target: &mut Value, ops: &[T]) -> Result<(), String> {
     let parsed: json_patch::Patch = serde_json::from_slice(&patch::to_json(ops))
         .map_err(|e| format!("internal error: patch does not parse: {e}"))?;
     json_patch::patch(target, &parsed).map_err(|e| format!("patch does not apply: {e}"))

@@ -1,6 +1,7 @@
 //! The review envelope: what the API server sends and requires back
 //! (docs/design.md: the rules of the patch and the API server's facts).
 
+use base64::Engine;
 use serde_json::{Value, json};
 
 use super::*;

@@ -54,9 +54,9 @@ fn patched(pod: &Value, config: &Config) -> (Value, Vec<String>) {
     }
 }
 
-fn ops(d: &Decision) -> &[PatchOp] {
+fn ops(d: &Decision) -> Vec<&PatchOp> {
     match d {
-        Decision::Allow { ops, .. } => ops,
+        Decision::Allow { ops, .. } => ops.iter().map(Op::patch_op).collect(),
         Decision::Deny { message, .. } => panic!("denied: {message}"),
     }
 }
@@ -128,7 +128,7 @@ fn pod_without_annotations_gets_one_add_of_the_whole_map() {
         .remove("annotations");
     let d = decide(&pod, &c);
     let annotation_ops: Vec<_> = ops(&d)
-        .iter()
+        .into_iter()
         .filter(|o| o.path().starts_with("/metadata"))
         .collect();
     assert_eq!(annotation_ops.len(), 1);
@@ -153,7 +153,7 @@ fn pod_without_metadata_gets_metadata_added() {
 fn annotation_keys_are_escaped_in_pointers() {
     let c = example();
     let d = decide(&istiod_pod(), &c);
-    let paths: Vec<&str> = ops(&d).iter().map(PatchOp::path).collect();
+    let paths: Vec<&str> = ops(&d).iter().map(|o| o.path()).collect();
     assert!(
         paths.contains(&"/metadata/annotations/vault.hashicorp.com~1role"),
         "{paths:?}"

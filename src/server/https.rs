@@ -100,10 +100,12 @@ async fn mutate(State(app): State<App>, headers: HeaderMap, body: Body) -> Respo
                 crate::mutate::Decision::Deny { message, .. } => message.as_str(),
                 _ => "",
             };
+            // The request's own strings go in as strings, so they are logged
+            // quoted and escaped: a uid with a newline cannot forge a line.
             tracing::info!(
-                uid = %reviewed.uid,
-                namespace = %reviewed.namespace,
-                pod = %reviewed.pod,
+                uid = reviewed.uid.as_str(),
+                namespace = reviewed.namespace.as_str(),
+                pod = reviewed.pod.as_str(),
                 profile,
                 outcome = outcome.as_str(),
                 dry_run = reviewed.dry_run,

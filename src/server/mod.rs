@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod https;
+mod log_line;
 mod logs;
 
 use std::net::SocketAddr;
@@ -511,7 +512,10 @@ fn init_tracing(format: LogFormat) -> Option<logs::Flush> {
         .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder
+            .with_timer(log_line::Timestamp)
+            .fmt_fields(log_line::Fields)
+            .try_init(),
     };
     flush
 }
