@@ -452,7 +452,12 @@ impl<'a> Reader<'a> {
 
     /// Skips one value of any type, checking it is valid JSON.
     pub fn skip(&mut self) -> Result<()> {
-        self.skip_value().map_err(|m| self.fail(m))
+        // On a copy that lives in registers: through `&mut self` every step
+        // would store the position back to the caller's memory.
+        let mut r = *self;
+        let result = r.skip_value();
+        *self = r;
+        result.map_err(|m| self.fail(m))
     }
 
     /// One loop with a bit stack (1 = inside an object) instead of
