@@ -310,7 +310,10 @@ fn patched_body(uid: &str, ops: &[Op], warnings: &[String]) -> Vec<u8> {
     const HEAD: &[u8] =
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#;
     const PATCH: &[u8] = br#","allowed":true,"patchType":"JSONPatch","patch":""#;
-    let mut out = Vec::with_capacity(4096);
+    let warnings_len: usize = warnings.iter().map(|w| w.len() + 8).sum();
+    let mut out = Vec::with_capacity(
+        HEAD.len() + uid.len() + PATCH.len() + patch::base64_len_hint(ops) + warnings_len + 24,
+    );
     out.extend_from_slice(HEAD);
     json::write_str(&mut out, uid);
     out.extend_from_slice(PATCH);

@@ -5,7 +5,7 @@
 //! fields the rules look at. The decision carries RFC 6902 operations against the Pod's
 //! own JSON, so the same function serves the webhook and `render`.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::config::{Config, Profile, ProfileKind, keys};
 use crate::patch::{Op, PatchOp};
@@ -207,17 +207,12 @@ fn annotation_ops(pod: &PodView, profile: &Profile, warnings: &mut Vec<String>) 
         // missing parent would make the API server fail the request).
         return match &pod.metadata {
             Some(_) => vec![Op::Prepared(profile.add_all.clone())],
-            None => {
-                let map: Map<String, Value> = profile
-                    .annotations
-                    .iter()
-                    .map(|a| (a.key.clone(), Value::String(a.value.clone())))
-                    .collect();
-                vec![Op::Built(PatchOp::Add {
-                    path: "/metadata".into(),
-                    value: json!({ "annotations": map }),
-                })]
-            }
+            // No metadata at all (only a hostile or hand-made review): the
+            // prepared map, one level up.
+            None => vec![Op::Built(PatchOp::Add {
+                path: "/metadata".into(),
+                value: json!({ "annotations": profile.add_all.op.value() }),
+            })],
         };
     };
 

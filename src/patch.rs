@@ -26,6 +26,14 @@ pub enum PatchOp {
 }
 
 impl PatchOp {
+    /// The value of an `add` or `replace`.
+    pub fn value(&self) -> Option<&Value> {
+        match self {
+            PatchOp::Add { value, .. } | PatchOp::Replace { value, .. } => Some(value),
+            PatchOp::Remove { .. } => None,
+        }
+    }
+
     pub fn path(&self) -> &str {
         match self {
             PatchOp::Add { path, .. }
@@ -120,6 +128,19 @@ fn pad(raw: &mut Vec<u8>) {
     }
 }
 
+/// About how long [`encode_base64`] makes `ops`: exact for prepared
+/// operations, a generous guess for built ones (a `ROOT_CA_DIR` entry).
+pub fn base64_len_hint(ops: &[Op]) -> usize {
+    let built = |op: &PatchOp| op.path().len() + 96;
+    ops.iter()
+        .map(|op| match op {
+            Op::Prepared(p) => p.later.len(),
+            Op::Built(op) => built(op).div_ceil(3) * 4,
+        })
+        .sum::<usize>()
+        + 8
+}
+
 /// Appends the base64 text of the patch `ops` (a JSON array, as
 /// [`to_json`] writes it apart from spaces between elements) to `out`.
 /// Prepared operations are copied; built ones are written and encoded here.
@@ -185,12 +206,9 @@ pub fn to_json<T: AsRef<PatchOp>>(ops: &[T]) -> Vec<u8> {
         .iter()
         .map(|op| {
             let op = op.as_ref();
-            let value = match op {
-                PatchOp::Add { value, .. } | PatchOp::Replace { value, .. } => {
-                    value.as_str().map_or(64, |v| v.len() + 16)
-                }
-                PatchOp::Remove { .. } => 0,
-            };
+            let value = op
+                .value()
+                .map_or(0, |v| v.as_str().map_or(64, |v| v.len() + 16));
             op.path().len() + value + 40
         })
         .sum();
@@ -361,6 +379,8 @@ mod tests {
                     .collect();
                 let mut out = b"prefix".to_vec();
                 encode_base64(&mixed, &mut out);
+                // The hint the response buffer is sized with covers it.
+                assert!(out.len() - 6 <= base64_len_hint(&mixed), "mask {mask:b}");
                 let decoded = STANDARD.decode(&out[6..]).unwrap();
                 let parsed: Value = serde_json::from_slice(&decoded)
                     .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&decoded)));

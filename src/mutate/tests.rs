@@ -1,6 +1,6 @@
 //! One test per rule of the patch (docs/design.md), on the pure decision function.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::*;
 use crate::config::EXAMPLE_CONFIG;
